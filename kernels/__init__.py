@@ -1,0 +1,1 @@
+"""Pure JAX SNMF kernels: initializers, update steps, sparsification, loss from statistics, fit drivers."""
