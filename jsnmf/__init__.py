@@ -5,3 +5,7 @@
 """
 
 __version__ = "0.1.0"
+
+from jsnmf.estimator import SNMF
+
+__all__ = ["SNMF", "__version__"]

@@ -1,0 +1,166 @@
+"""The in-memory fit loop, compiled as a whole.
+
+Iterations run inside ``lax.while_loop`` in blocks of ``block_size``: one dispatch per block, not
+per step. Between blocks the host only reads the block's losses (for the progress bar) and whether
+the stopping rule fired. The loop keeps the best iterate and stops after ``patience`` iterations
+without an improvement larger than ``tol·‖X‖²`` (the paper's rule, with ``tol`` made independent of
+the scale of ``X``), or at ``max_iter``.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jsnmf.kernels.steps import (
+    CodesUpdate,
+    Statistics,
+    chunk_statistics,
+    codes_step,
+    features_step,
+    hals_codes,
+    loss_from_statistics,
+    matmul_f32,
+    mu_codes,
+)
+
+
+class SolverConfig(NamedTuple):
+    """Static settings of the iteration (a change recompiles)."""
+
+    solver: str = "mu"  # "mu" | "hals"
+    n_keep: int | None = None  # entries kept per column of F; None = no sparsification
+    ridge: float = 1e-6
+    mu_eps: float = 1e-6
+    hals_sweeps: int = 4
+
+    def codes_update(self) -> CodesUpdate:
+        if self.solver == "mu":
+            return mu_codes(self.mu_eps)
+        if self.solver == "hals":
+            return hals_codes(self.hals_sweeps)
+        raise ValueError(f"unknown solver {self.solver!r}; expected one of {SOLVERS}")
+
+
+SOLVERS = ("mu", "hals")
+
+
+class FitState(NamedTuple):
+    """Everything the loop carries; a pytree, so it can be checkpointed as is."""
+
+    F: jax.Array  # (d, k) features of the latest iterate
+    G: jax.Array  # (n, k) codes of the latest iterate
+    stats: Statistics  # of the latest codes
+    best_F: jax.Array
+    best_G: jax.Array
+    best_loss: jax.Array  # () lowest loss so far
+    reference_loss: jax.Array  # () loss at the last improvement larger than tol (patience clock)
+    since_improvement: jax.Array  # () iterations since that improvement
+    iteration: jax.Array  # () iterations done
+    done: jax.Array  # () bool: the stopping rule fired
+
+
+def initial_state(X: jax.Array, F0: jax.Array, G0: jax.Array) -> FitState:
+    """The state before the first iteration: statistics of ``G0`` (one pass over ``X``)."""
+    stats = chunk_statistics(X, G0)
+    inf = lambda: jnp.array(jnp.inf, jnp.float32)  # noqa: E731
+    zero = lambda: jnp.array(0, jnp.int32)  # noqa: E731
+    # Every leaf is its own buffer: the loop donates its state, and one buffer cannot be donated twice.
+    return FitState(F0, G0, stats, jnp.copy(F0), jnp.copy(G0), inf(), inf(), zero(), zero(), jnp.array(False))
+
+
+def iterate(X: jax.Array, G: jax.Array, stats: Statistics, sq_norm_X: jax.Array, config: SolverConfig):
+    """One full iteration (DESIGN.md steps 1–5) in memory; returns ``(F, G, stats, loss)``."""
+    F, scale = features_step(stats.XtG, stats.GtG, ridge=config.ridge, n_keep=config.n_keep)
+    Q = F.T @ F
+    G, stats = codes_step(X, G, F, Q, scale, config.codes_update())
+    return F, G, stats, loss_from_statistics(sq_norm_X, stats, Q)
+
+
+def advance(state: FitState, F, G, stats, loss, *, sq_norm_X, tol, patience, max_iter) -> FitState:
+    """Book-keeping after an iteration: best iterate, patience clock, stopping rule."""
+    better = loss < state.best_loss
+    improved = loss < state.reference_loss - tol * sq_norm_X
+    since = jnp.where(improved, 0, state.since_improvement + 1)
+    iteration = state.iteration + 1
+    done = (since >= patience) | (iteration >= max_iter) | ~jnp.isfinite(loss)
+    return FitState(
+        F=F,
+        G=G,
+        stats=stats,
+        best_F=jnp.where(better, F, state.best_F),
+        best_G=jnp.where(better, G, state.best_G),
+        best_loss=jnp.where(better, loss, state.best_loss),
+        reference_loss=jnp.where(improved, loss, state.reference_loss),
+        since_improvement=since,
+        iteration=iteration,
+        done=done,
+    )
+
+
+@partial(jax.jit, static_argnames=("config", "block_size"), donate_argnames=("state",))
+def run_block(
+    X: jax.Array,
+    sq_norm_X: jax.Array,
+    state: FitState,
+    tol: jax.Array,
+    patience: jax.Array,
+    max_iter: jax.Array,
+    *,
+    config: SolverConfig,
+    block_size: int,
+):
+    """Up to ``block_size`` iterations in one compiled ``while_loop``.
+
+    Returns the new state and the block's losses (``nan`` past the iterations actually run).
+    """
+    history = jnp.full((block_size,), jnp.nan, jnp.float32)
+
+    def cond(carry):
+        state, _, i = carry
+        return (i < block_size) & ~state.done
+
+    def body(carry):
+        state, history, i = carry
+        F, G, stats, loss = iterate(X, state.G, state.stats, sq_norm_X, config)
+        state = advance(
+            state, F, G, stats, loss, sq_norm_X=sq_norm_X, tol=tol, patience=patience, max_iter=max_iter
+        )
+        return state, history.at[i].set(loss), i + 1
+
+    state, history, _ = lax.while_loop(cond, body, (state, history, jnp.array(0, jnp.int32)))
+    return state, history
+
+
+@partial(jax.jit, static_argnames=("max_sweeps",))
+def solve_codes(X: jax.Array, F: jax.Array, tol: jax.Array, max_sweeps: int = 500) -> jax.Array:
+    """Codes of new tokens with ``F`` fixed: ``argmin_{G≥0} ‖X − G Fᵀ‖²`` (non-negative least squares).
+
+    Starts from the clipped unconstrained solution and runs HALS sweeps (exact coordinate descent,
+    which converges to the NNLS optimum) until the largest change of a code, relative to the
+    largest code, falls below ``tol``, or ``max_sweeps``.
+    """
+    Q = F.T @ F
+    P = matmul_f32(X, F)
+    k = Q.shape[0]
+    # A zero feature leaves Q singular; the tiny ridge keeps the start finite (its codes become 0).
+    ridge = 1e-6 * jnp.maximum(jnp.max(jnp.diagonal(Q)), 1e-30)
+    G0 = jnp.maximum(jax.scipy.linalg.solve(Q + ridge * jnp.eye(k), P.T, assume_a="pos").T, 0.0)
+    sweep = hals_codes(1)
+
+    def cond(carry):
+        _, change, i = carry
+        return (change > tol) & (i < max_sweeps)
+
+    def body(carry):
+        G, _, i = carry
+        G_new = sweep(G, P, Q)
+        change = jnp.max(jnp.abs(G_new - G)) / jnp.maximum(jnp.max(G_new), 1e-30)
+        return G_new, change, i + 1
+
+    G, _, _ = lax.while_loop(cond, body, (G0, jnp.array(jnp.inf, jnp.float32), jnp.array(0)))
+    return G

@@ -1,0 +1,178 @@
+"""One SNMF iteration, as small pure functions over arrays (DESIGN.md, "The algorithm").
+
+Model ``X ≈ G Fᵀ`` with ``X`` (n × d), ``F`` (d × k, any sign), ``G`` (n × k, ≥ 0).
+An iteration is split where the data pass is:
+
+* :func:`features_step` needs only the statistics ``XᵀG`` (d×k) and ``GᵀG`` (k×k) of the last
+  pass: the least-squares ``F``, winner-take-all sparsification, and the column rescaling.
+* :func:`codes_step` is the pass over (a chunk of) ``X``: it rescales its rows of ``G``, forms
+  ``P = X F``, updates ``G`` with a codes solver, and returns that chunk's contribution to the
+  statistics for the next ``F`` and for the loss.
+
+Because the statistics are sums over tokens, the same :func:`codes_step` serves the in-memory fit
+(one chunk), the streamed fit (many chunks, summed) and the sharded fit (summed with ``psum``).
+
+Codes solvers are built like optax transformations: :func:`mu_codes` and :func:`hals_codes`
+return a function ``update(G, P, Q) -> G``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+CodesUpdate = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+
+# Column norms of G are floored here before dividing (the paper's value).
+NORM_FLOOR = 1e-8
+
+
+class Statistics(NamedTuple):
+    """What one pass over ``X`` contributes; every field is a sum over tokens."""
+
+    XtG: jax.Array  # (d, k)   Xᵀ G
+    GtG: jax.Array  # (k, k)   Gᵀ G
+    PG: jax.Array  # ()       Σ P ⊙ G = tr(Fᵀ Xᵀ G), the cross term of the loss
+
+    def __add__(self, other: "Statistics") -> "Statistics":  # type: ignore[override]
+        return Statistics(*(a + b for a, b in zip(self, other)))
+
+
+def matmul_f32(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``a @ b`` accumulated in float32.
+
+    When ``a`` is a low-precision activation matrix (bfloat16/float16), ``b`` is cast down to
+    match so the product runs on the fast low-precision path, while the accumulation and the
+    result stay float32.
+    """
+    if a.dtype != b.dtype:
+        b = b.astype(a.dtype)
+    return jnp.matmul(a, b, preferred_element_type=jnp.float32)
+
+
+def keep_count(sparsity: float | None, d: int) -> int | None:
+    """Entries kept per column of ``F`` for a sparsity ``p``: ``ceil(p·d)`` (None = keep all)."""
+    if sparsity is None:
+        return None
+    return max(1, min(d, math.ceil(sparsity * d)))
+
+
+def least_squares_features(XtG: jax.Array, GtG: jax.Array, ridge: float) -> jax.Array:
+    """Step 1: ``F = XᵀG (GᵀG + λI)⁻¹`` by a Cholesky solve of the k×k system."""
+    k = GtG.shape[0]
+    A = GtG + ridge * jnp.eye(k, dtype=GtG.dtype)
+    chol = jax.scipy.linalg.cho_factor(A, lower=True)
+    return jax.scipy.linalg.cho_solve(chol, XtG.T).T
+
+
+def sparsify_columns(F: jax.Array, n_keep: int) -> jax.Array:
+    """Step 2: in each column keep the ``n_keep`` entries largest in |value|, zero the rest.
+
+    Winner-take-all as in the paper: entries tied with the ``n_keep``-th largest are kept too.
+    """
+    magnitude = jnp.abs(F)
+    threshold = lax.top_k(magnitude.T, n_keep)[0][:, -1]  # (k,)
+    return jnp.where(magnitude >= threshold[None, :], F, 0.0)
+
+
+def column_norms(GtG: jax.Array) -> jax.Array:
+    """ℓ2 norm of each column of ``G`` from ``GᵀG`` (floored, so it can divide)."""
+    return jnp.maximum(jnp.sqrt(jnp.maximum(jnp.diagonal(GtG), 0.0)), NORM_FLOOR)
+
+
+def features_step(XtG: jax.Array, GtG: jax.Array, *, ridge: float, n_keep: int | None):
+    """Steps 1–3 from the statistics of the last pass.
+
+    Returns ``(F, scale)``: the new features, already multiplied by ``scale`` (the column norms
+    of ``G``), and ``scale`` itself, by which the codes pass must divide its rows of ``G`` (step 3;
+    the product ``G Fᵀ`` is unchanged).
+    """
+    F = least_squares_features(XtG, GtG, ridge)
+    if n_keep is not None:
+        F = sparsify_columns(F, n_keep)
+    scale = column_norms(GtG)
+    return F * scale[None, :], scale
+
+
+def mu_codes(eps: float = 1e-6) -> CodesUpdate:
+    """Step 4, the multiplicative update of Ding, Li & Jordan (2010).
+
+    ``G ← G ⊙ sqrt((P⁺ + G Q⁻) / (P⁻ + G Q⁺ + ε))`` with ``M⁺ = (|M|+M)/2``, ``M⁻ = (|M|−M)/2``.
+    It never increases the loss for fixed ``F``; zeros in ``G`` stay zero.
+    """
+
+    def update(G: jax.Array, P: jax.Array, Q: jax.Array) -> jax.Array:
+        Q_pos, Q_neg = (jnp.abs(Q) + Q) / 2, (jnp.abs(Q) - Q) / 2
+        P_pos, P_neg = (jnp.abs(P) + P) / 2, (jnp.abs(P) - P) / 2
+        numerator = P_pos + G @ Q_neg
+        denominator = P_neg + G @ Q_pos + eps
+        return G * jnp.sqrt(numerator / denominator)
+
+    return update
+
+
+def hals_codes(n_sweeps: int = 4) -> CodesUpdate:
+    """Step 4 by block coordinate descent (HALS) on the codes.
+
+    For fixed ``F`` the codes problem ``min_{G≥0} ‖X − G Fᵀ‖²`` separates per token and needs only
+    ``P = X F`` and ``Q = FᵀF``. One sweep updates each column ``j`` exactly given the others:
+    ``G[:, j] ← max(0, G[:, j] + (P[:, j] − G Q[:, j]) / Q[j, j])``. A sweep costs ``n·k²`` flops
+    against ``n·d·k`` for the product ``X F``, so several sweeps per pass over ``X`` cost little and
+    make far more progress than one multiplicative step.
+    """
+
+    def update(G: jax.Array, P: jax.Array, Q: jax.Array) -> jax.Array:
+        # Work on Gᵀ so that a column of G is a contiguous row.
+        Pt = P.T
+        diag = jnp.diagonal(Q)
+        safe_diag = jnp.where(diag > 0, diag, 1.0)
+        k = Q.shape[0]
+
+        def column(j, Gt):
+            residual = Pt[j] - Q[j] @ Gt
+            updated = jnp.maximum(Gt[j] + residual / safe_diag[j], 0.0)
+            # An all-zero feature (Q[j, j] = 0) explains nothing: its codes are zero.
+            updated = jnp.where(diag[j] > 0, updated, 0.0)
+            return Gt.at[j].set(updated)
+
+        def sweep(_, Gt):
+            return lax.fori_loop(0, k, column, Gt)
+
+        return lax.fori_loop(0, n_sweeps, sweep, G.T).T
+
+    return update
+
+
+def codes_step(
+    X: jax.Array, G: jax.Array, F: jax.Array, Q: jax.Array, scale: jax.Array, update: CodesUpdate
+) -> tuple[jax.Array, Statistics]:
+    """Step 3 (the codes half) and step 4 on a chunk of rows; returns the chunk's statistics.
+
+    ``X`` and ``G`` are matching rows (a chunk, a shard, or everything). The statistics are those
+    of the updated codes, which the next :func:`features_step` and :func:`loss_from_statistics` use.
+    """
+    G = G / scale[None, :]
+    P = matmul_f32(X, F)
+    G = update(G, P, Q)
+    return G, chunk_statistics(X, G, P)
+
+
+def chunk_statistics(X: jax.Array, G: jax.Array, P: jax.Array | None = None) -> Statistics:
+    """``XᵀG``, ``GᵀG`` and (when ``P = X F`` is given) ``Σ P ⊙ G`` for a chunk of rows."""
+    XtG = matmul_f32(X.T, G)
+    GtG = G.T @ G
+    PG = jnp.sum(P * G) if P is not None else jnp.zeros((), jnp.float32)
+    return Statistics(XtG, GtG, PG)
+
+
+def loss_from_statistics(sq_norm_X: jax.Array, stats: Statistics, Q: jax.Array) -> jax.Array:
+    """Step 5: ``‖X − G Fᵀ‖² = ‖X‖² − 2·tr(Fᵀ XᵀG) + tr(FᵀF · GᵀG)``, never forming ``G Fᵀ``.
+
+    Clipped at zero: the three terms nearly cancel at a good fit and float rounding must not
+    report a negative error.
+    """
+    return jnp.maximum(sq_norm_X - 2.0 * stats.PG + jnp.sum(Q * stats.GtG), 0.0)

@@ -1,0 +1,61 @@
+"""Plain NumPy SNMF written from the formulas in DESIGN.md, independent of the JAX kernels.
+
+Float64 throughout; used as the reference the kernels and the estimator are checked against.
+"""
+
+import math
+
+import numpy as np
+
+
+def planted_problem(n=600, d=120, k=6, density=0.15, noise=0.01, seed=0):
+    """``X = G Fᵀ + noise`` from a known column-sparse ``F`` and a sparse non-negative ``G``."""
+    rng = np.random.default_rng(seed)
+    F = rng.normal(size=(d, k))
+    for j in range(k):  # disjoint-ish supports make the features identifiable
+        keep = rng.choice(d, size=max(2, int(density * d)), replace=False)
+        mask = np.zeros(d, bool)
+        mask[keep] = True
+        F[~mask, j] = 0.0
+    G = rng.exponential(size=(n, k)) * (rng.random((n, k)) < 0.4)
+    X = G @ F.T + noise * rng.normal(size=(n, d))
+    return X.astype(np.float32), F, G
+
+
+def sparsify(F, p):
+    """Keep the ``ceil(p·d)`` entries of each column largest in |value| (ties kept), zero the rest."""
+    d = F.shape[0]
+    m = math.ceil(p * d)
+    out = F.copy()
+    for j in range(F.shape[1]):
+        threshold = np.sort(np.abs(F[:, j]))[-m]
+        out[np.abs(F[:, j]) < threshold, j] = 0.0
+    return out
+
+
+def mu_iteration(X, G, p=None, ridge=1e-6, eps=1e-6):
+    """The five steps of DESIGN.md; returns ``(F, G, loss)`` after one iteration."""
+    k = G.shape[1]
+    F = X.T @ G @ np.linalg.inv(G.T @ G + ridge * np.eye(k))  # 1. least squares
+    if p is not None:
+        F = sparsify(F, p)  # 2. winner-take-all
+    c = np.maximum(np.linalg.norm(G, axis=0), 1e-8)  # 3. rescale
+    G = G / c
+    F = F * c
+    P, Q = X @ F, F.T @ F  # 4. multiplicative update
+    pos = lambda M: (np.abs(M) + M) / 2  # noqa: E731
+    neg = lambda M: (np.abs(M) - M) / 2  # noqa: E731
+    G = G * np.sqrt((pos(P) + G @ neg(Q)) / (neg(P) + G @ pos(Q) + eps))
+    loss = np.sum((X - G @ F.T) ** 2)  # 5. the loss, formed directly here
+    return F, G, loss
+
+
+def run_mu(X, G0, n_iter, p=None):
+    """``n_iter`` iterations from ``G0``; returns the list of ``(F, G, loss)`` after each."""
+    X = X.astype(np.float64)
+    G = G0.astype(np.float64)
+    iterates = []
+    for _ in range(n_iter):
+        F, G, loss = mu_iteration(X, G, p)
+        iterates.append((F, G, loss))
+    return iterates
