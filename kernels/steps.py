@@ -54,6 +54,17 @@ def matmul_f32(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.matmul(a, b, preferred_element_type=jnp.float32)
 
 
+def cross_product(X: jax.Array, G: jax.Array) -> jax.Array:
+    """``Xᵀ G`` (d × k), accumulated in float32.
+
+    Formed as ``(Gᵀ X)ᵀ``: XLA's CPU backend runs the (k × d) product about twice as fast as
+    ``X.T @ G`` (measured at n=8192, d=3072, k=100); the barrier keeps the compiler from folding
+    the cheap k×d transpose back into the product.
+    """
+    GtX = lax.dot_general(G.astype(X.dtype), X, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    return lax.optimization_barrier(GtX).T
+
+
 def keep_count(sparsity: float | None, d: int) -> int | None:
     """Entries kept per column of ``F`` for a sparsity ``p``: ``ceil(p·d)`` (None = keep all)."""
     if sparsity is None:
@@ -69,13 +80,34 @@ def least_squares_features(XtG: jax.Array, GtG: jax.Array, ridge: float) -> jax.
     return jax.scipy.linalg.cho_solve(chol, XtG.T).T
 
 
+def kth_largest_per_column(M: jax.Array, n: int) -> jax.Array:
+    """The ``n``-th largest value of each column of a non-negative float32 matrix, exactly.
+
+    Non-negative float32 values are ordered like their int32 bit patterns, so a bisection over the
+    bits finds the largest ``t`` with ``count(M[:, j] >= t) >= n`` in 31 vectorized counting passes.
+    XLA's CPU ``top_k`` sorts every column instead and was ~50× slower here (d=768, k=32).
+    """
+    bits = lax.bitcast_convert_type(M.astype(jnp.float32), jnp.int32)
+    lo = jnp.zeros(M.shape[1], jnp.int32)  # count(bits >= lo) >= n always holds
+    hi = jnp.max(bits, axis=0) + 1  # count(bits >= hi) == 0 < n
+
+    def halve(_, bounds):
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2
+        enough = jnp.sum(bits >= mid[None, :], axis=0) >= n
+        return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
+
+    lo, _ = lax.fori_loop(0, 32, halve, (lo, hi))
+    return lax.bitcast_convert_type(lo, jnp.float32)
+
+
 def sparsify_columns(F: jax.Array, n_keep: int) -> jax.Array:
     """Step 2: in each column keep the ``n_keep`` entries largest in |value|, zero the rest.
 
     Winner-take-all as in the paper: entries tied with the ``n_keep``-th largest are kept too.
     """
     magnitude = jnp.abs(F)
-    threshold = lax.top_k(magnitude.T, n_keep)[0][:, -1]  # (k,)
+    threshold = kth_largest_per_column(magnitude, n_keep)  # (k,)
     return jnp.where(magnitude >= threshold[None, :], F, 0.0)
 
 
@@ -163,7 +195,7 @@ def codes_step(
 
 def chunk_statistics(X: jax.Array, G: jax.Array, P: jax.Array | None = None) -> Statistics:
     """``XᵀG``, ``GᵀG`` and (when ``P = X F`` is given) ``Σ P ⊙ G`` for a chunk of rows."""
-    XtG = matmul_f32(X.T, G)
+    XtG = cross_product(X, G)
     GtG = G.T @ G
     PG = jnp.sum(P * G) if P is not None else jnp.zeros((), jnp.float32)
     return Statistics(XtG, GtG, PG)

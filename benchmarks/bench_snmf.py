@@ -1,0 +1,212 @@
+"""SNMF engine throughput and time-to-quality, against the device's matmul rate and a peer.
+
+Measures, in one run on the same data (GELU-shaped activations with planted low-rank structure,
+n × d, rank k):
+
+1. the float32 matrix-multiply rate of the dominant product ``X @ F`` (n×d · d×k);
+2. seconds per iteration and effective GFLOP/s (4·n·d·k per iteration) of ``jsnmf.SNMF`` for
+   each solver (sparsity on), and their ratio to (1);
+3. the same for overcomplete's ``SemiNMF`` multiplicative update (PyTorch), the peer;
+4. with sparsity 0.01, the relative error that 400 iterations of ``mu`` reach, and how long each
+   solver takes to reach it.
+
+Per-iteration time is the slope between two warm fits of different lengths (compilation,
+initialization and transfers cancel). Writes its section of ``benchmarks/RESULTS.md``.
+
+    python benchmarks/bench_snmf.py                 # n=8192, d=3072, k=100
+    python benchmarks/bench_snmf.py --n 2048 --d 768 --k 32 --mu-iters 100   # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import sys
+import time
+import types
+
+import numpy as np
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+from common import default_label, markdown_table, median_seconds, write_section  # noqa: E402
+
+
+def gelu_activations(n: int, d: int, k: int, seed: int = 0) -> np.ndarray:
+    """MLP-like activations: ``gelu`` of a sparse non-negative mixture of k directions plus noise."""
+    rng = np.random.default_rng(seed)
+    codes = rng.exponential(size=(n, k)) * (rng.random((n, k)) < 0.1)
+    directions = rng.normal(size=(k, d)) / np.sqrt(k * 0.1)
+    pre = codes @ directions + rng.normal(size=(n, d)) - 0.5
+    return (0.5 * pre * (1 + np.tanh(0.7978845608 * (pre + 0.044715 * pre**3)))).astype(np.float32)
+
+
+def matmul_rate(X, k: int) -> float:
+    """GFLOP/s of ``X @ F`` in float32 on JAX's default device."""
+    import jax
+    import jax.numpy as jnp
+
+    F = jnp.asarray(np.random.default_rng(1).normal(size=(X.shape[1], k)), jnp.float32)
+    product = jax.jit(lambda X, F: X @ F)
+    seconds = median_seconds(lambda: product(X, F).block_until_ready(), repeats=9, warmup=2)
+    return 2 * X.shape[0] * X.shape[1] * k / seconds / 1e9
+
+
+def jsnmf_fit_seconds(X, k: int, solver: str, iters: int, sparsity: float | None, repeats: int = 3) -> float:
+    from jsnmf import SNMF
+
+    def fit():
+        model = SNMF(k, solver=solver, sparsity=sparsity, max_iter=iters, patience=10**9, tol=0.0,
+                     seed=0, progress=False).fit(X)
+        return model
+
+    return median_seconds(fit, repeats=repeats, warmup=0)
+
+
+def per_iteration(fit_seconds, short: int, long: int) -> float:
+    """Slope of wall time against iteration count between two warm fits."""
+    fit_seconds(short)  # compile
+    return (fit_seconds(long) - fit_seconds(short)) / (long - short)
+
+
+def load_overcomplete():
+    """overcomplete's SNMF solver without its package ``__init__``.
+
+    The top-level package imports its vision models and with them torchvision, which cannot be
+    installed beside the CPU build of torch these machines use; the solver itself needs only torch.
+    """
+    spec = importlib.util.find_spec("overcomplete")
+    if spec is None:
+        return None
+    if "overcomplete" not in sys.modules:
+        package = types.ModuleType("overcomplete")
+        package.__path__ = list(spec.submodule_search_locations)
+        sys.modules["overcomplete"] = package
+    from overcomplete.optimization.semi_nmf import snmf_multiplicative_update
+
+    return snmf_multiplicative_update
+
+
+def overcomplete_per_iteration(X: np.ndarray, k: int, short: int, long: int, device: str) -> float | None:
+    update = load_overcomplete()
+    if update is None:
+        return None
+    import torch
+
+    A = torch.from_numpy(X).to(device)
+    generator = torch.Generator().manual_seed(0)
+    Z0 = torch.rand(X.shape[0], k, generator=generator).to(device)
+    D0 = torch.randn(k, X.shape[1], generator=generator).to(device)
+
+    def run(iters):
+        def once():
+            update(A, Z0.clone(), D0.clone(), max_iter=iters, tol=0)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+        return median_seconds(once, repeats=3, warmup=0)
+
+    return per_iteration(run, short, long)
+
+
+def time_to_target(X, k: int, mu_iters: int, sparsity: float) -> dict:
+    """Relative error of ``mu_iters`` iterations of mu, and each solver's wall time to reach it."""
+    from jsnmf import SNMF
+
+    def fit(solver, iters):
+        return SNMF(k, solver=solver, sparsity=sparsity, max_iter=iters, patience=10**9, tol=0.0,
+                    seed=0, progress=False).fit(X)
+
+    fit("mu", 50), fit("hals", 50)  # compile both loops (block size 50)
+    start = time.perf_counter()
+    mu = fit("mu", mu_iters)
+    mu_seconds = time.perf_counter() - start
+    target = float(mu.loss_history_.min())
+    sq_norm = float(np.sum(np.asarray(X, np.float64) ** 2))
+    result = {"target_rel_err": np.sqrt(target / sq_norm), "mu_iters": mu_iters, "mu_seconds": mu_seconds}
+
+    probe = fit("hals", mu_iters)
+    reached = np.nonzero(probe.loss_history_ <= target)[0]
+    if reached.size == 0:
+        result.update(hals_iters=None, hals_seconds=None)
+        return result
+    iters = int(reached[0]) + 1
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        model = fit("hals", max(iters, 1))
+        times.append(time.perf_counter() - start)
+    assert model.loss_history_.min() <= target
+    result.update(hals_iters=iters, hals_seconds=statistics.median(times), hals_rel_err=model.relative_error_)
+    return result
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=8192)
+    parser.add_argument("--d", type=int, default=3072)
+    parser.add_argument("--k", type=int, default=100)
+    parser.add_argument("--sparsity", type=float, default=0.01)
+    parser.add_argument("--mu-iters", type=int, default=400, help="iterations of mu that set the target error")
+    parser.add_argument("--short", type=int, default=50, help="iterations of the shorter timing fit")
+    parser.add_argument("--long", type=int, default=150, help="iterations of the longer timing fit")
+    parser.add_argument("--peer-device", default="cpu", help="torch device for overcomplete (cpu or cuda)")
+    parser.add_argument("--no-peer", action="store_true", help="skip overcomplete")
+    parser.add_argument("--label", default=None, help="machine label of the RESULTS.md section")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    args = parser.parse_args(argv)
+
+    import jax
+    import jax.numpy as jnp
+
+    n, d, k = args.n, args.d, args.k
+    flops = 4 * n * d * k
+    X_host = gelu_activations(n, d, k)
+    X = jnp.asarray(X_host)
+    rate = matmul_rate(X, k)
+    print(f"matmul X@F ({n}x{d} · {d}x{k}) float32: {rate:.1f} GFLOP/s on {jax.devices()[0]}", flush=True)
+
+    rows = []
+    seconds = {}
+    for solver in ("mu", "hals"):
+        s = per_iteration(lambda it: jsnmf_fit_seconds(X, k, solver, it, args.sparsity), args.short, args.long)
+        seconds[solver] = s
+        gflops = flops / s / 1e9
+        rows.append([f"jsnmf `{solver}`", f"{s * 1e3:.1f}", f"{gflops:.1f}", f"{gflops / rate:.0%}", "—"])
+        print(f"jsnmf {solver}: {s * 1e3:.1f} ms/iteration, {gflops:.1f} GFLOP/s, {gflops / rate:.0%} of matmul", flush=True)
+
+    if not args.no_peer:
+        peer = overcomplete_per_iteration(X_host, k, max(args.short // 5, 5), max(args.long // 5, 15), args.peer_device)
+        if peer is None:
+            print("overcomplete is not installed: pip install --no-deps overcomplete einops scikit-learn")
+        else:
+            gflops = flops / peer / 1e9
+            rows.append([f"overcomplete `SemiNMF` mu (torch, {args.peer_device}, no sparsity)", f"{peer * 1e3:.1f}",
+                         f"{gflops:.1f}", f"{gflops / rate:.0%}", f"jsnmf mu is {peer / seconds['mu']:.2f}× faster"])
+            print(f"overcomplete: {peer * 1e3:.1f} ms/iteration, {gflops:.1f} GFLOP/s", flush=True)
+
+    target = time_to_target(X, k, args.mu_iters, args.sparsity)
+    print(f"time to target: {target}", flush=True)
+
+    body = [f"### SNMF engine (`bench_snmf.py`), n={n}, d={d}, k={k}, sparsity={args.sparsity}", "",
+            f"Measured float32 matmul rate of the dominant product `X @ F`: **{rate:.1f} GFLOP/s**. "
+            "Per-iteration time is the slope between two warm fits "
+            f"({args.short} and {args.long} iterations), median of 3; effective GFLOP/s counts 4·n·d·k per iteration.", "",
+            markdown_table(["solver", "ms / iteration", "effective GFLOP/s", "of matmul rate", "vs peer"], rows), ""]
+    if target["hals_seconds"] is not None:
+        speedup = target["mu_seconds"] / target["hals_seconds"]
+        body.append(
+            f"Time to the relative error of {target['mu_iters']} `mu` iterations "
+            f"({target['target_rel_err']:.4f}, sparsity {args.sparsity}): `mu` {target['mu_seconds']:.2f} s; "
+            f"`hals` {target['hals_seconds']:.2f} s ({target['hals_iters']} iterations) — "
+            f"**{speedup:.1f}× faster** (target: ≥ 10×).")
+    else:
+        body.append(f"`hals` did not reach the error of {target['mu_iters']} `mu` iterations "
+                    f"({target['target_rel_err']:.4f}) within as many iterations.")
+    text = "\n".join(body)
+    print("\n" + text)
+    if not args.no_write:
+        write_section("bench_snmf", args.label or default_label(), text)
+
+
+if __name__ == "__main__":
+    main()
