@@ -1,0 +1,44 @@
+"""Result types returned by the forward pass and by generation."""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+
+
+def hook_name(layer: int) -> str:
+    """The ecosystem name of layer ``layer``'s MLP activation (the input of the down-projection)."""
+    return f"blocks.{int(layer)}.mlp.hook_post"
+
+
+@dataclasses.dataclass
+class ModelOutput:
+    """``logits`` [batch, seq, vocab] (None when the forward stopped early) and
+    ``mlp_activations[layer]`` [batch, seq, d_mlp] for each captured layer."""
+
+    logits: jax.Array | None
+    mlp_activations: dict[int, jax.Array]
+
+    def hook(self, name: str) -> jax.Array:
+        """Look an activation up by hook name, e.g. ``out.hook("blocks.3.mlp.hook_post")``."""
+        for layer, value in self.mlp_activations.items():
+            if hook_name(layer) == name:
+                return value
+        raise KeyError(f"{name!r} was not captured; captured: {[hook_name(l) for l in self.mlp_activations]}")
+
+
+@dataclasses.dataclass
+class GenerateOutput:
+    """Result of ``generate``.
+
+    ``sequences`` [batch, prompt_len + max_new_tokens]: the left-padded prompt followed by the new tokens;
+    ``new_tokens`` [batch, max_new_tokens]: only the generated part (after a sequence emits EOS the rest
+    is ``pad_token_id``); ``prompt_mask`` [batch, prompt_len]; ``text``: decoded new tokens (special tokens
+    skipped) when a tokenizer was given, else None.
+    """
+
+    sequences: np.ndarray
+    new_tokens: np.ndarray
+    prompt_mask: np.ndarray
+    text: list[str] | None = None
