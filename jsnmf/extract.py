@@ -1,0 +1,411 @@
+"""Extract MLP activations (``blocks.{L}.mlp.hook_post``) of a corpus into an ActivationStore.
+
+One forward pass captures every requested layer (it stops after the last one). Documents are
+tokenized with the model's own tokenizer (BOS where the tokenizer adds it; ``add_bos`` overrides),
+truncated to ``max_length``, batched in document order (``batch_size`` documents per batch), right
+padded to a bucketed length (powers of two from 8, capped at the corpus's longest sequence) so the
+jit-compiled forward compiles only a handful of times, and the activations of real tokens (no padding; no BOS unless
+``drop_bos=False``) are appended to the store in document order.
+
+Resumable: batches are a pure function of the corpus and the settings, and the store commits
+whole chunks atomically. A rerun after a kill reopens the store, finds the batch holding the
+first uncommitted token, recomputes that batch and continues; every batch is computed with the
+same shapes as in an uninterrupted run, so the result is byte-for-byte the same.
+
+Test hook: the environment variable ``JSNMF_EXTRACT_SLEEP_PER_BATCH`` (seconds, float) makes
+the loop sleep after each batch; the tests use it to kill an extraction deterministically
+mid-way. It has no other effect.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from tqdm.auto import tqdm
+
+from jsnmf import models
+from jsnmf.corpus import Corpus, read_corpus
+from jsnmf.models.loading import resolve_checkpoint_dir
+from jsnmf.store import DTYPES, MANIFEST, ActivationStore, check_dtype, remove_store
+
+__all__ = ["extract", "bucket_length", "DEFAULT_CHUNK_TOKENS"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHUNK_TOKENS = 4096
+_MIN_BUCKET = 8
+_SLEEP_ENV = "JSNMF_EXTRACT_SLEEP_PER_BATCH"
+# Bump when batching, padding or token selection changes: a store started by another version is
+# then not resumed (its remaining chunks would not match).
+_PLAN_VERSION = 1
+
+
+def extract(
+    model_path_or_id: str | os.PathLike,
+    corpus_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    layers: Sequence[int],
+    max_length: int = 128,
+    batch_size: int = 16,
+    dtype: str = "float32",
+    drop_bos: bool = True,
+    add_bos: bool | None = None,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    compute_dtype: str = "float32",
+    resume: bool = True,
+    progress: bool = True,
+) -> ActivationStore:
+    """Run ``model_path_or_id`` over the corpus and store the MLP activations of ``layers`` in ``out_dir``.
+
+    ``dtype``: the store dtype ("float32", "float16", "bfloat16"). ``compute_dtype``: the dtype of
+    the model's parameters and forward pass ("float32" or "bfloat16").
+    ``drop_bos``: leave out the BOS token's activations (an attention-sink outlier) when a BOS is
+    there. ``add_bos``: None follows the tokenizer (Gemma/Llama add BOS, GPT-2 does not); True
+    prepends the model's BOS when the tokenizer does not; False removes the BOS the tokenizer adds.
+    ``resume``: continue an interrupted extraction in ``out_dir`` (a store of a different corpus,
+    model or settings is refused); with False an existing store in ``out_dir`` is replaced.
+    Returns the finished store.
+    """
+    layers = _check_settings(layers, max_length, batch_size, dtype, chunk_tokens)
+    if compute_dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"compute_dtype must be 'float32' or 'bfloat16', got {compute_dtype!r}")
+    corpus = read_corpus(corpus_path)  # before loading the model: bad input fails fast
+    out_dir = Path(out_dir).expanduser().resolve()
+
+    model_dir = resolve_checkpoint_dir(model_path_or_id)
+    model, tokenizer = models.load(model_dir, dtype=compute_dtype)
+    config = model.config
+    _check_layers(layers, config)
+    if max_length > config.max_position_embeddings:
+        raise ValueError(
+            f"max_length={max_length} exceeds the model's {config.max_position_embeddings} positions"
+        )
+    bos = _bos_policy(tokenizer, config, add_bos)
+    plan = _plan(corpus, tokenizer, bos, max_length, batch_size, drop_bos)
+    if plan.n_tokens == 0:
+        raise ValueError(
+            f"{corpus.path}: no tokens to extract after dropping BOS "
+            f"(max_length={max_length}, drop_bos={drop_bos})"
+        )
+    if plan.n_truncated:
+        log.warning("%d of %d documents were truncated to max_length=%d tokens",
+                    plan.n_truncated, len(corpus), max_length)
+
+    meta = _manifest_meta(model_path_or_id, model_dir, config, tokenizer, corpus, bos, plan, layers, dtype,
+                          compute_dtype, max_length, batch_size, drop_bos, chunk_tokens)
+    writer = _open_writer(out_dir, meta, corpus, layers, config.d_mlp, dtype, chunk_tokens, resume)
+    if writer is None:  # the store in out_dir is already complete
+        return ActivationStore.open(out_dir)
+    try:
+        _run(model, plan, writer, layers, dtype, progress)
+        return writer.close()
+    finally:
+        writer.abort()
+
+
+# ---------------------------------------------------------------- settings
+
+
+def _check_settings(layers, max_length, batch_size, dtype, chunk_tokens) -> list[int]:
+    check_dtype(dtype)
+    for name, value in (("max_length", max_length), ("batch_size", batch_size), ("chunk_tokens", chunk_tokens)):
+        if not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if isinstance(layers, (int, np.integer)):
+        layers = [layers]
+    layers = list(layers)
+    if not layers or not all(isinstance(layer, (int, np.integer)) for layer in layers):
+        raise ValueError(f"layers must be a non-empty list of integers, got {layers!r}")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"layers has duplicates: {layers}")
+    return sorted(int(layer) for layer in layers)
+
+
+def _check_layers(layers: list[int], config) -> None:
+    bad = [layer for layer in layers if not 0 <= layer < config.n_layers]
+    if bad:
+        raise ValueError(
+            f"layers {bad} are out of range: the {config.model_type} model has n_layers={config.n_layers} "
+            f"(valid layers 0..{config.n_layers - 1})"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class _BosPolicy:
+    token_id: int | None
+    tokenizer_adds: bool  # what the tokenizer does by itself
+    present: bool  # whether sequences start with BOS after the policy
+
+
+def _bos_policy(tokenizer, config, add_bos: bool | None) -> _BosPolicy:
+    bos_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else config.bos_token_id
+    with_special = tokenizer("a")["input_ids"]
+    without = tokenizer("a", add_special_tokens=False)["input_ids"]
+    adds = bos_id is not None and len(with_special) > len(without) and with_special[0] == bos_id
+    if add_bos and bos_id is None:
+        raise ValueError("add_bos=True but neither the tokenizer nor the model config defines a BOS token")
+    present = adds if add_bos is None else bool(add_bos)
+    return _BosPolicy(token_id=None if bos_id is None else int(bos_id), tokenizer_adds=adds, present=present)
+
+
+# ---------------------------------------------------------------- tokenization and batches
+
+
+@dataclasses.dataclass
+class _Plan:
+    """Everything about the run that follows from the corpus and settings alone."""
+
+    sequences: list[np.ndarray]  # token ids per document (with BOS if present), truncated
+    keep_from: int  # first position kept in each sequence (1 when BOS is dropped)
+    batch_size: int
+    batch_token_starts: np.ndarray  # index of each batch's first kept token; last entry = n_tokens
+    label_index: np.ndarray  # per document
+    n_truncated: int
+    bos_dropped: bool
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.batch_token_starts[-1])
+
+    @property
+    def n_batches(self) -> int:
+        return len(self.batch_token_starts) - 1
+
+    def batch_documents(self, batch: int) -> range:
+        start = batch * self.batch_size
+        return range(start, min(start + self.batch_size, len(self.sequences)))
+
+
+def _plan(corpus: Corpus, tokenizer, bos: _BosPolicy, max_length: int, batch_size: int, drop_bos: bool) -> _Plan:
+    sequences, n_truncated = _tokenize(corpus.texts, tokenizer, bos, max_length)
+    bos_dropped = drop_bos and bos.present
+    keep_from = 1 if bos_dropped else 0
+    kept = np.array([max(len(s) - keep_from, 0) for s in sequences], np.int64)
+    per_batch = [kept[i : i + batch_size].sum() for i in range(0, len(kept), batch_size)]
+    label_of = {label: i for i, label in enumerate(corpus.labels)}
+    labels = np.array([label_of.get(d.label, -1) for d in corpus.documents], np.int32)
+    return _Plan(sequences, keep_from, batch_size, np.concatenate([[0], np.cumsum(per_batch)]).astype(np.int64),
+                 labels, n_truncated, bos_dropped)
+
+
+def _tokenize(texts: list[str], tokenizer, bos: _BosPolicy, max_length: int) -> tuple[list[np.ndarray], int]:
+    sequences, n_truncated = [], 0
+    for start in range(0, len(texts), 256):
+        for ids in tokenizer(texts[start : start + 256])["input_ids"]:
+            if bos.present and not bos.tokenizer_adds:
+                ids = [bos.token_id, *ids]
+            elif bos.tokenizer_adds and not bos.present:
+                ids = ids[1:]
+            n_truncated += len(ids) > max_length
+            sequences.append(np.asarray(ids[:max_length], np.int32))
+    return sequences, n_truncated
+
+
+def bucket_length(n: int, max_length: int) -> int:
+    """The padded length for a batch whose longest sequence has ``n`` tokens: the next power of two
+    (at least 8), capped at ``max_length``."""
+    return min(max(_MIN_BUCKET, 1 << max(n - 1, 0).bit_length()), max_length)
+
+
+@dataclasses.dataclass
+class _Batch:
+    input_ids: np.ndarray  # (batch_size, length) int32, right padded
+    attention_mask: np.ndarray  # (batch_size, length) int32
+    rows: np.ndarray  # (n_kept,) row of each kept token
+    cols: np.ndarray  # (n_kept,) position of each kept token
+    token_ids: np.ndarray
+    doc_index: np.ndarray
+    label_index: np.ndarray
+
+
+def _make_batch(plan: _Plan, batch: int, pad_id: int, longest: int) -> _Batch:
+    docs = plan.batch_documents(batch)
+    length = bucket_length(max(len(plan.sequences[d]) for d in docs), longest)
+    # Always batch_size rows (filler rows hold one pad token) so the last batch compiles nothing new.
+    input_ids = np.full((plan.batch_size, length), pad_id, np.int32)
+    mask = np.zeros((plan.batch_size, length), np.int32)
+    mask[:, 0] = 1
+    rows, cols, doc_index = [], [], []
+    for row, doc in enumerate(docs):
+        seq = plan.sequences[doc]
+        input_ids[row, : len(seq)] = seq
+        mask[row, : len(seq)] = 1
+        positions = np.arange(plan.keep_from, len(seq))
+        rows.append(np.full(len(positions), row))
+        cols.append(positions)
+        doc_index.append(np.full(len(positions), doc))
+    rows, cols, doc_index = (np.concatenate(x).astype(np.int32) for x in (rows, cols, doc_index))
+    return _Batch(input_ids, mask, rows, cols, input_ids[rows, cols], doc_index, plan.label_index[doc_index])
+
+
+# ---------------------------------------------------------------- the store
+
+
+def _open_writer(out_dir: Path, meta: dict, corpus: Corpus, layers, d_mlp, dtype, chunk_tokens, resume: bool):
+    """The writer to continue or start the store in ``out_dir``; None if it is already complete."""
+    if (out_dir / MANIFEST).is_file():
+        if not resume:
+            remove_store(out_dir)
+        else:
+            existing = ActivationStore.open(out_dir, allow_incomplete=True)
+            _check_same_run(existing, meta)
+            if existing.complete:
+                return None
+            return ActivationStore.resume(out_dir)
+    return ActivationStore.create(
+        out_dir, layers=layers, d_mlp=d_mlp, dtype=dtype, chunk_tokens=chunk_tokens, meta=meta,
+        documents=corpus.documents, labels=corpus.labels,
+    )
+
+
+def _check_same_run(existing: ActivationStore, meta: dict) -> None:
+    old = existing.manifest.get("resume_identity")
+    if not isinstance(old, dict):
+        raise ValueError(f"{existing.path}: holds a store not made by jsnmf.extract; refusing to resume into it")
+    new = meta["resume_identity"]  # what must match: a different value means a different result
+    differences = [f"{key}: {old.get(key)!r} in the store, {new[key]!r} now" for key in new if old.get(key) != new[key]]
+    if differences:
+        raise ValueError(
+            f"{existing.path}: refusing to resume, the store was made from a different run ("
+            + "; ".join(differences) + "). Use another out_dir, or resume=False to replace it."
+        )
+
+
+def _file_sha256(path: Path) -> str | None:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+
+
+def _manifest_meta(model_path_or_id, model_dir: Path, config, tokenizer, corpus, bos, plan, layers, dtype,
+                   compute_dtype, max_length, batch_size, drop_bos, chunk_tokens) -> dict:
+    model_dir = Path(model_dir).resolve()
+    name_or_path = getattr(tokenizer, "name_or_path", None)
+    tokenizer_dir = Path(name_or_path).resolve() if name_or_path and Path(name_or_path).is_dir() else model_dir
+    config_sha = _file_sha256(model_dir / "config.json")
+    tokenizer_sha = _file_sha256(tokenizer_dir / "tokenizer.json")
+    tokenizer_info = {
+        "path": str(tokenizer_dir),
+        "class": type(tokenizer).__name__,
+        "vocab_size": len(tokenizer),
+        "bos_token_id": bos.token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "adds_bos": bos.tokenizer_adds,
+        "tokenizer_json_sha256": tokenizer_sha,
+    }
+    identity = {
+        "model": str(model_dir), "model_config_sha256": config_sha, "model_type": config.model_type,
+        "n_layers": config.n_layers, "d_mlp": config.d_mlp, "tokenizer_json_sha256": tokenizer_sha,
+        "corpus_sha256": corpus.sha256, "layers": layers, "dtype": dtype, "max_length": max_length,
+        "batch_size": batch_size, "drop_bos": drop_bos, "bos_present": bos.present, "chunk_tokens": chunk_tokens,
+        "compute_dtype": compute_dtype, "plan_version": _PLAN_VERSION,
+    }
+    return {
+        "model": {"path_or_id": str(model_path_or_id), "path": str(model_dir), "model_type": config.model_type,
+                  "n_layers": config.n_layers, "d_model": config.d_model, "config_sha256": config_sha},
+        "model_type": config.model_type,
+        "corpus": {"path": corpus.path, "sha256": corpus.sha256, "format": corpus.format},
+        "tokenizer": tokenizer_info,
+        "max_length": max_length,
+        "batch_size": batch_size,
+        "compute_dtype": compute_dtype,
+        "bos_present": bos.present,
+        "drop_bos": drop_bos,
+        "bos_dropped": plan.bos_dropped,
+        "n_tokens_expected": plan.n_tokens,
+        "n_truncated_documents": plan.n_truncated,
+        "resume_identity": identity,
+    }
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def _run(model, plan: _Plan, writer, layers: list[int], dtype: str, progress: bool) -> None:
+    committed = writer.n_committed
+    if committed >= plan.n_tokens:
+        return
+    # The batch holding the first uncommitted token, and how many of its tokens are already stored.
+    first = int(np.searchsorted(plan.batch_token_starts, committed, side="right") - 1)
+    skip = committed - int(plan.batch_token_starts[first])
+    pad_id = 0  # any valid id: padded positions are masked out and never kept
+    longest = max(len(s) for s in plan.sequences)  # buckets stop at the corpus's longest sequence
+    sleep = float(os.environ.get(_SLEEP_ENV, "0") or 0)
+    # Cast to a narrower store dtype on the device: half the copy to the host, and XLA's cast is
+    # fast where NumPy's float32 -> float16 is slow (both round to nearest even: same bits).
+    cast_on_device = DTYPES[dtype].itemsize < np.dtype(model.dtype).itemsize
+
+    def forward(batch: _Batch):
+        out = model(batch.input_ids, attention_mask=batch.attention_mask, capture=layers,
+                    stop_at_layer=max(layers) + 1)  # runs blocks 0..max(layers) only
+        acts = tuple(out.mlp_activations[layer] for layer in layers)
+        if not cast_on_device:
+            return acts, None
+        keep = np.zeros(batch.input_ids.shape, bool)
+        keep[batch.rows, batch.cols] = True
+        return _cast_and_max_abs(acts, keep, dtype)
+
+    bar = tqdm(total=plan.n_tokens, initial=committed, unit="tok", unit_scale=True, desc="extract",
+               disable=not progress, dynamic_ncols=True)
+    try:
+        # One batch in flight: JAX dispatch is asynchronous, so the next forward runs while this
+        # batch is copied to the host and handed to the store (which commits in its own thread).
+        pending = None
+        for b in range(first, plan.n_batches):
+            batch = _make_batch(plan, b, pad_id, longest)
+            current = (batch, forward(batch))
+            if pending is not None:
+                _write_batch(writer, *pending, layers, dtype, skip, bar)
+                skip = 0
+            pending = current
+            if sleep:
+                time.sleep(sleep)
+        if pending is not None:
+            _write_batch(writer, *pending, layers, dtype, skip, bar)
+    finally:
+        bar.close()
+
+
+@functools.partial(jax.jit, static_argnames=("dtype",))
+def _cast_and_max_abs(acts: tuple, keep: jax.Array, dtype: str):
+    """Activations cast to the store dtype, and each layer's largest |value| over kept tokens."""
+    max_abs = tuple(jnp.max(jnp.where(keep[..., None], jnp.abs(a.astype(jnp.float32)), 0.0)) for a in acts)
+    return tuple(a.astype(dtype) for a in acts), max_abs
+
+
+def _write_batch(writer, batch: _Batch, device_out, layers: list[int], dtype: str, skip: int, bar) -> None:
+    activations, max_abs = device_out
+    if max_abs is not None:
+        _check_range(np.asarray(max_abs), layers, dtype, batch)
+    keep = slice(skip, None)
+    acts = {}
+    for layer, values in zip(layers, activations):
+        host = np.asarray(values)  # (batch_size, length, d_mlp)
+        acts[layer] = host[batch.rows[keep], batch.cols[keep]]
+    writer.append(acts, batch.token_ids[keep], batch.doc_index[keep], batch.cols[keep], batch.label_index[keep])
+    bar.update(len(batch.rows) - skip)
+
+
+def _check_range(max_abs: np.ndarray, layers: list[int], dtype: str, batch: _Batch) -> None:
+    """Say which layer overflows the store dtype (or is not finite), before the store sees infinities."""
+    info = ml_dtypes.finfo(DTYPES[dtype])
+    overflow_at = float(info.max) * (1 + 2.0 ** -(info.nmant + 1))  # rounds to inf from here on
+    docs = f"documents {batch.doc_index.min()}..{batch.doc_index.max()}"
+    for layer, value in zip(layers, max_abs):
+        if not np.isfinite(value):
+            raise ValueError(f"the model produced non-finite activations at layer {layer} ({docs})")
+        if value >= overflow_at:
+            raise ValueError(
+                f"activations of layer {layer} overflow {dtype} (max |x| = {value:.4g}, {docs}); "
+                "use dtype='bfloat16' or 'float32'"
+            )
