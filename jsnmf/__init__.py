@@ -7,5 +7,6 @@
 __version__ = "0.1.0"
 
 from jsnmf.estimator import SNMF
+from jsnmf.batch import fit_layers
 
-__all__ = ["SNMF", "__version__"]
+__all__ = ["SNMF", "fit_layers", "__version__"]

@@ -20,9 +20,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from jsnmf import __version__
+from jsnmf.blas import single_threaded_lapack
 from jsnmf.kernels.fit import SOLVERS, SolverConfig, initial_state, run_block, solve_codes
 from jsnmf.kernels.init import INITIALIZERS
 from jsnmf.kernels.steps import chunk_statistics, keep_count, matmul_f32
+from jsnmf.checkpoint import FitCheckpointer, FitProgress, data_fingerprint, problem_manifest
+from jsnmf.streaming import StreamedFit, StreamPlan, codes_directory, make_plan
+from jsnmf.kernels.init import random_codes, random_keys
+from jsnmf.kernels.sharded import (block_runner, check_mesh, codes_solver, explained_variance, squared_norm,
+                                   state_initializer, zero_rows)
+from jsnmf.distributed import ShardedRows, default_mesh, global_rows, replicate, replicated_value
 
 CHECKPOINT_FORMAT = "jsnmf.SNMF"
 CHECKPOINT_VERSION = 1
@@ -77,6 +84,19 @@ class SNMF:
         products accumulate and factors are kept in float32.
     ridge: λ of the ``F`` least squares; hals_sweeps: sweeps per iteration of the ``"hals"`` solver.
     progress: show a progress bar with the loss.
+    mesh: a ``jax.sharding.Mesh`` with an axis ``data`` to split the tokens over (see
+        :mod:`jsnmf.distributed`). ``None``: every device JAX sees, so a plain single-device run
+        is unchanged and one host with 8 GPUs shards over all 8. Under ``jax.process_count() > 1``
+        every process passes its own rows to ``fit``/``transform``/``score``; ``features_`` is the
+        same everywhere and ``codes_`` holds the process's own rows.
+    chunk_tokens: rows per chunk of a streamed fit (:mod:`jsnmf.streaming`). ``fit`` streams an
+        ``ActivationStore``, a ``np.memmap`` or any array when this is set; ``None`` keeps a store's
+        own chunks (65536 rows for a memmap).
+    codes_on_disk: where a streamed fit keeps ``G``: ``False`` in memory; ``True`` in ``.npy`` files
+        in a new temporary directory; a path: in that directory (``codes_`` is then a read-only
+        memory map of ``codes.npy`` there).
+    checkpoint_every, max_to_keep: with ``fit(..., checkpoint_dir=...)``, save the fit state every
+        ``checkpoint_every`` iterations (and at the end), keeping the newest ``max_to_keep``.
     """
 
     solvers = SOLVERS
@@ -97,6 +117,11 @@ class SNMF:
         ridge: float = 1e-6,
         hals_sweeps: int = 4,
         progress: bool = True,
+        mesh: Any = None,
+        chunk_tokens: int | None = None,
+        codes_on_disk: bool | str | os.PathLike = False,
+        checkpoint_every: int = 50,
+        max_to_keep: int = 2,
     ):
         self.rank = rank
         self.solver = solver
@@ -110,6 +135,11 @@ class SNMF:
         self.ridge = ridge
         self.hals_sweeps = hals_sweeps
         self.progress = progress
+        self.mesh = mesh
+        self.chunk_tokens = chunk_tokens
+        self.codes_on_disk = codes_on_disk
+        self.checkpoint_every = checkpoint_every
+        self.max_to_keep = max_to_keep
         self._check_settings()
 
     # -- settings -------------------------------------------------------------------------------
@@ -117,7 +147,8 @@ class SNMF:
     def get_params(self) -> dict[str, Any]:
         """The constructor's settings, as scikit-learn's ``get_params``."""
         names = ("rank", "solver", "sparsity", "init", "max_iter", "tol", "patience", "seed", "dtype",
-                 "ridge", "hals_sweeps", "progress")
+                 "ridge", "hals_sweeps", "progress", "mesh", "chunk_tokens", "codes_on_disk", "checkpoint_every",
+                 "max_to_keep")
         return {name: getattr(self, name) for name in names}
 
     def _check_settings(self) -> None:
@@ -145,6 +176,17 @@ class SNMF:
             raise ValueError(f"ridge must be a finite number >= 0; got {self.ridge!r}")
         if not (isinstance(self.hals_sweeps, (int, np.integer)) and self.hals_sweeps >= 1):
             raise ValueError(f"hals_sweeps must be a positive integer; got {self.hals_sweeps!r}")
+        if self.mesh is not None:
+            check_mesh(self.mesh)
+        if self.chunk_tokens is not None and not (
+                isinstance(self.chunk_tokens, (int, np.integer)) and self.chunk_tokens >= 1):
+            raise ValueError(f"chunk_tokens must be a positive integer or None; got {self.chunk_tokens!r}")
+        if not isinstance(self.codes_on_disk, (bool, str, os.PathLike)):
+            raise ValueError(f"codes_on_disk must be True, False or a directory path; got {self.codes_on_disk!r}")
+        for name in ("checkpoint_every", "max_to_keep"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1):
+                raise ValueError(f"{name} must be a positive integer; got {value!r}")
 
     def _solver_config(self, d: int) -> SolverConfig:
         return SolverConfig(
@@ -171,50 +213,121 @@ class SNMF:
             raise ValueError("init G0 must be non-negative (the codes of SNMF are >= 0)")
         return jnp.asarray(F0, jnp.float32), jnp.asarray(G0, jnp.float32)
 
-    def fit(self, X, y=None) -> "SNMF":
-        """Learn ``features_`` and ``codes_`` from ``X`` (n_tokens × d_mlp). ``y`` is ignored."""
+    @single_threaded_lapack
+    def fit(self, X, y=None, *, layer: int | None = None, checkpoint_dir: str | os.PathLike | None = None,
+            resume: bool = False) -> "SNMF":
+        """Learn ``features_`` and ``codes_`` from ``X`` (n_tokens × d_mlp). ``y`` is ignored.
+
+        ``X`` may also be an :class:`~jsnmf.store.ActivationStore` (``layer`` picks the layer; it may
+        be left out when the store holds one) or a ``np.memmap``: the fit then streams it, one pass
+        over its chunks per iteration, with the same iterates as in memory (:mod:`jsnmf.streaming`).
+        Any array is streamed when ``chunk_tokens`` is set.
+
+        ``checkpoint_dir``: save the fit state there every ``checkpoint_every`` iterations and at the
+        end (orbax; :mod:`jsnmf.checkpoint`). ``resume=True`` continues from the latest complete
+        checkpoint in it (a fit killed at any moment ends with the same factors as an uninterrupted
+        one), or starts afresh when there is none; a checkpoint of another problem is a ValueError.
+
+        Sharded over ``mesh`` (see the class docstring): then ``X`` is this process's rows, or a
+        :class:`jsnmf.distributed.ShardedRows` from :func:`jsnmf.distributed.global_rows`.
+        """
         self._check_settings()
+        if resume and checkpoint_dir is None:
+            raise ValueError("resume=True needs checkpoint_dir= (the directory the fit checkpoints into)")
+        plan = make_plan(X, layer, self.chunk_tokens)
+        if plan is not None:
+            if self.mesh is not None:
+                raise ValueError("a streamed fit (ActivationStore, memmap or chunk_tokens set) runs on one device; "
+                                 "mesh= applies to in-memory arrays")
+            return self._fit_streamed(plan, checkpoint_dir, resume)
+        mesh = self._active_mesh(X)
+        if mesh is not None:
+            if checkpoint_dir is not None:
+                raise ValueError("checkpoint_dir= is not supported for sharded fits (mesh or several devices)")
+            return self._fit_sharded(X, mesh)
         X = validate_matrix(X)
         n, d = X.shape
         if self.rank > min(n, d):
             raise ValueError(f"rank {self.rank} exceeds min(n_tokens, d_mlp) = {min(n, d)} for X of shape {X.shape}")
+        X_given = X
         X = jnp.asarray(X, STORAGE_DTYPES[self.dtype])
         sq_norm_X = jnp.sum(jnp.square(X.astype(jnp.float32)))
         if float(sq_norm_X) == 0.0:
             raise ValueError("X is all zeros: there is nothing to factorize")
-        F0, G0 = self._initial_factors(X)
+        checkpointer = self._checkpointer(
+            checkpoint_dir, resume, n, d, lambda a, b: np.asarray(X_given[a:b], np.float32),
+            {"kind": "array", "dtype": str(X_given.dtype)})
+        try:
+            restored = checkpointer.restore_latest() if checkpointer is not None else None
+            if restored is None:
+                F0, G0 = self._initial_factors(X)
+                state = initial_state(X, F0, G0)
+                history: list[np.ndarray] = []
+            else:
+                state = restored.to_fit_state(patience=int(self.patience), max_iter=int(self.max_iter))
+                history = [restored.loss_history]
 
-        state = initial_state(X, F0, G0)
-        config = self._solver_config(d)
-        block_size = min(50, int(self.max_iter))
-        tol, patience, max_iter = (jnp.float32(self.tol), jnp.int32(self.patience), jnp.int32(self.max_iter))
-        history: list[np.ndarray] = []
-        started = time.perf_counter()
-        with _progress_bar(self.progress, self.max_iter) as bar:
-            while True:
-                state, losses = run_block(X, sq_norm_X, state, tol, patience, max_iter,
-                                          config=config, block_size=block_size)
-                losses = np.asarray(losses)
-                losses = losses[~np.isnan(losses)]
-                history.append(losses)
-                if bar is not None and losses.size:
-                    bar.update(losses.size)
-                    bar.set_postfix(rel_err=f"{math.sqrt(max(losses[-1], 0) / float(sq_norm_X)):.4f}")
-                if bool(state.done):
-                    break
+            config = self._solver_config(d)
+            block_size = min(50, int(self.max_iter))
+            tol, patience, max_iter = (jnp.float32(self.tol), jnp.int32(self.patience), jnp.int32(self.max_iter))
+            started = time.perf_counter()
+            with _progress_bar(self.progress, self.max_iter) as bar:
+                if bar is not None and restored is not None:
+                    bar.update(restored.iteration)
+                while not bool(state.done):
+                    # With checkpoints, a block also ends at the next checkpoint boundary.
+                    stop_at = None if checkpointer is None else jnp.int32(
+                        checkpointer.next_boundary(int(state.iteration)))
+                    block_started = time.perf_counter()
+                    state, losses = run_block(X, sq_norm_X, state, tol, patience, max_iter, stop_at,
+                                              config=config, block_size=block_size)
+                    losses = np.asarray(losses)
+                    losses = losses[~np.isnan(losses)]
+                    history.append(losses)
+                    if bar is not None and losses.size:
+                        bar.update(losses.size)
+                        bar.set_postfix(rel_err=f"{math.sqrt(max(losses[-1], 0) / float(sq_norm_X)):.4f}",
+                                        tok_s=f"{n * losses.size / (time.perf_counter() - block_started):.3g}")
+                    if checkpointer is not None and (bool(state.done) or checkpointer.due(int(state.iteration))):
+                        checkpointer.save(FitProgress.from_fit_state(state, np.concatenate(history), float(sq_norm_X)))
+        finally:
+            if checkpointer is not None:
+                checkpointer.close()
 
-        self.loss_history_ = np.concatenate(history)
-        if not np.isfinite(self.loss_history_).all():
-            raise FloatingPointError("the SNMF loss became non-finite; try a larger ridge or float32 X")
-        self.features_ = np.asarray(state.best_F)
-        self.codes_ = np.asarray(state.best_G)
-        self.n_iter_ = int(state.iteration)
-        self.n_features_in_ = d
-        self.reconstruction_err_ = math.sqrt(float(state.best_loss))
-        self.relative_error_ = math.sqrt(float(state.best_loss) / float(sq_norm_X))
-        self.fit_seconds_ = time.perf_counter() - started
+        self._set_fitted(state.best_F, state.best_G, np.concatenate(history), int(state.iteration),
+                         float(state.best_loss), float(sq_norm_X), d, started)
         return self
 
+    def _checkpointer(self, checkpoint_dir, resume: bool, n: int, d: int, read_rows, source: dict):
+        """The :class:`~jsnmf.checkpoint.FitCheckpointer` of a fit, or None without ``checkpoint_dir``."""
+        if checkpoint_dir is None:
+            return None
+        problem = problem_manifest(self.get_params(), n, d, data_fingerprint(read_rows, n, d), source)
+        return FitCheckpointer(checkpoint_dir, problem, every=int(self.checkpoint_every),
+                               max_to_keep=int(self.max_to_keep), resume=resume)
+
+    def _fit_streamed(self, plan: StreamPlan, checkpoint_dir, resume: bool) -> "SNMF":
+        """``fit`` streaming ``X`` chunk by chunk (:mod:`jsnmf.streaming`)."""
+        n, d = plan.n, plan.d
+        if self.rank > min(n, d):
+            raise ValueError(f"rank {self.rank} exceeds min(n_tokens, d_mlp) = {min(n, d)} for X of shape {(n, d)}")
+        started = time.perf_counter()
+        checkpointer = self._checkpointer(checkpoint_dir, resume, n, d, plan.read_rows, plan.describe())
+        try:
+            work_dir = codes_directory(self.codes_on_disk)
+            fit = StreamedFit(self, plan, STORAGE_DTYPES[self.dtype], checkpointer=checkpointer, work_dir=work_dir)
+            with _progress_bar(self.progress, self.max_iter) as bar:
+                result = fit.run(bar)
+        finally:
+            if checkpointer is not None:
+                checkpointer.close()
+        self._set_fitted(result.features, result.codes, result.loss_history, result.n_iter, result.best_loss,
+                         result.sq_norm_X, d, started)
+        self.codes_ = result.codes  # keeps an on-disk result a np.memmap
+        self.tokens_per_second_ = fit.tokens_per_second
+        return self
+
+    @single_threaded_lapack
     def fit_transform(self, X, y=None) -> np.ndarray:
         """``fit(X)`` and return ``codes_``."""
         return self.fit(X).codes_
@@ -231,9 +344,16 @@ class SNMF:
                 f"X has {X.shape[1]} columns but this SNMF was fitted on d_mlp = {self.n_features_in_}"
             )
 
+    @single_threaded_lapack
     def transform(self, X, tol: float = 1e-5) -> np.ndarray:
         """Codes of (new) tokens with ``F`` fixed: the non-negative least-squares ``G`` for ``X``."""
         self._check_fitted("transform")
+        mesh = self._active_mesh(X)
+        if mesh is not None:  # this process's rows in, their codes out
+            rows = self._rows(X, mesh)
+            self._check_width(rows.array)
+            G = codes_solver(mesh)(rows.array, replicate(self.features_, mesh), np.float32(tol))
+            return rows.layout.local_part(G)
         X = validate_matrix(X)
         self._check_width(X)
         X = jnp.asarray(X, STORAGE_DTYPES[self.dtype])
@@ -247,12 +367,22 @@ class SNMF:
             raise ValueError(f"G has {G.shape[1]} columns but this SNMF has rank {self.features_.shape[1]}")
         return np.asarray(jnp.asarray(G, jnp.float32) @ jnp.asarray(self.features_).T)
 
+    @single_threaded_lapack
     def score(self, X, y=None) -> float:
         """Explained variance of ``X`` by its codes: ``1 − ‖X − G Fᵀ‖² / Σ_j ‖X_j − mean(X_j)‖²``.
 
         The conventional, per-dimension centred definition (scikit-learn's ``explained_variance``
         summed over columns); higher is better, 1 is perfect. ``X`` is encoded with ``transform``.
+        Sharded: ``X`` is this process's rows and the score is that of the whole global ``X``.
         """
+        mesh = self._active_mesh(X)
+        if mesh is not None:
+            self._check_fitted("score")
+            rows = self._rows(X, mesh)
+            self._check_width(rows.array)
+            F = replicate(self.features_, mesh)
+            G = codes_solver(mesh)(rows.array, F, np.float32(1e-5))
+            return float(replicated_value(explained_variance(rows.array, G, F, np.float32(rows.layout.n_rows))))
         G = jnp.asarray(self.transform(X))
         X = jnp.asarray(X, STORAGE_DTYPES[self.dtype])
         F = jnp.asarray(self.features_)
@@ -262,6 +392,93 @@ class SNMF:
         mean = jnp.mean(X.astype(jnp.float32), axis=0)
         total = sq_norm_X - X.shape[0] * jnp.sum(mean * mean)
         return float(1.0 - jnp.maximum(residual, 0.0) / total)
+
+    # -- sharded fitting (jsnmf.distributed) ------------------------------------------------------
+
+    def _active_mesh(self, X=None):
+        """The mesh to shard over, or None for the single-device path."""
+        if isinstance(X, ShardedRows):
+            if self.mesh is not None and X.layout.mesh != self.mesh:
+                raise ValueError("X was assembled (global_rows) on a different mesh than this SNMF's mesh")
+            return X.layout.mesh
+        if self.mesh is not None:
+            return check_mesh(self.mesh)
+        if jax.process_count() > 1 or jax.device_count() > 1:
+            return default_mesh()
+        return None
+
+    def _rows(self, X, mesh, name: str = "X") -> ShardedRows:
+        """``X`` (this process's rows) as a global row-sharded array in the storage dtype."""
+        dtype = STORAGE_DTYPES[self.dtype]
+        if isinstance(X, ShardedRows):
+            return X if X.array.dtype == dtype else ShardedRows(X.array.astype(dtype), X.layout)
+        return global_rows(X, mesh, dtype=dtype, name=name)
+
+    def _sharded_initial_factors(self, rows: ShardedRows) -> tuple[jax.Array, jax.Array]:
+        """``(F0, G0)`` as global arrays, ``G0`` zero on padding rows.
+
+        The random start draws each row of ``G0`` by its global token index, so it equals the
+        single-device start whatever the layout. ``"svd"`` and ``"kmeans"`` run on the padded ``X``;
+        when there is padding, SVD's small positive floor and k-means' choice of starting rows can
+        differ from the single-device start.
+        """
+        layout, X, mesh = rows.layout, rows.array, rows.layout.mesh
+        d, k = rows.n_columns, int(self.rank)
+        if isinstance(self.init, str) and self.init == "random":
+            key_F, key_G = random_keys(jax.random.key(self.seed))
+            F0 = jax.random.normal(key_F, (d, k), jnp.float32)
+            G_local = random_codes(key_G, jnp.int32(layout.local_offset), layout.local_rows, k)
+            return replicate(np.asarray(F0), mesh), layout.assemble(np.asarray(G_local))
+        if isinstance(self.init, str):
+            F0, G0 = INITIALIZERS[self.init](jax.random.key(self.seed), X, k)
+            return F0, zero_rows(G0, layout.valid())
+        F0 = validate_matrix(self.init[0], "init F0")
+        G0 = validate_matrix(self.init[1], "init G0")
+        if F0.shape != (d, k):
+            raise ValueError(f"init F0 must have shape (d_mlp, rank) = {(d, k)}; got {F0.shape}")
+        if G0.shape != (layout.local_rows, k):
+            raise ValueError(f"init G0 must have shape (n_tokens, rank) = {(layout.local_rows, k)} "
+                             f"(this process's rows); got {G0.shape}")
+        if bool((np.asarray(G0) < 0).any()):
+            raise ValueError("init G0 must be non-negative (the codes of SNMF are >= 0)")
+        return replicate(np.asarray(F0, np.float32), mesh), layout.assemble(np.asarray(G0, np.float32))
+
+    def _fit_sharded(self, X, mesh) -> "SNMF":
+        """``fit`` with the tokens split over ``mesh`` (:mod:`jsnmf.kernels.sharded`)."""
+        rows = self._rows(X, mesh)
+        layout, X = rows.layout, rows.array
+        n, d = layout.n_rows, rows.n_columns
+        if self.rank > min(n, d):
+            raise ValueError(f"rank {self.rank} exceeds min(n_tokens, d_mlp) = {min(n, d)} for X of shape {(n, d)}")
+        sq_norm_X = squared_norm(X)
+        sq_norm = float(replicated_value(sq_norm_X))
+        if sq_norm == 0.0:
+            raise ValueError("X is all zeros: there is nothing to factorize")
+        started = time.perf_counter()
+        F0, G0 = self._sharded_initial_factors(rows)
+        state = state_initializer(mesh)(X, F0, G0)
+        block_size = min(50, int(self.max_iter))
+        step = block_runner(mesh, self._solver_config(d), block_size)
+        limits = (np.float32(self.tol), np.int32(self.patience), np.int32(self.max_iter))
+        state, history = _drive_blocks(lambda s: step(X, sq_norm_X, s, *limits), state, int(self.max_iter),
+                                       self.progress, sq_norm)
+        self._set_fitted(replicated_value(state.best_F), layout.local_part(state.best_G), history,
+                         int(replicated_value(state.iteration)), float(replicated_value(state.best_loss)),
+                         sq_norm, d, started)
+        return self
+
+    def _set_fitted(self, features, codes, history, n_iter, best_loss, sq_norm, d, started) -> None:
+        """Store the learned attributes (``history``: the losses, ``nan`` for iterations not run)."""
+        self.loss_history_ = history[~np.isnan(history)]
+        if not np.isfinite(self.loss_history_).all():
+            raise FloatingPointError("the SNMF loss became non-finite; try a larger ridge or float32 X")
+        self.features_ = np.asarray(features)
+        self.codes_ = np.asarray(codes)
+        self.n_iter_ = n_iter
+        self.n_features_in_ = d
+        self.reconstruction_err_ = math.sqrt(best_loss)
+        self.relative_error_ = math.sqrt(best_loss / sq_norm)
+        self.fit_seconds_ = time.perf_counter() - started
 
     # -- checkpoints ----------------------------------------------------------------------------
 
@@ -286,6 +503,9 @@ class SNMF:
         params = self.get_params()
         if not isinstance(params["init"], str):
             params["init"] = "arrays"
+        params.pop("mesh", None)  # devices belong to the run, not to the factors
+        if not isinstance(params.get("codes_on_disk", False), bool):
+            params["codes_on_disk"] = str(params["codes_on_disk"])
         manifest = {
             "format": CHECKPOINT_FORMAT,
             "format_version": CHECKPOINT_VERSION,
@@ -350,6 +570,30 @@ def _replace_directory(staging: Path, path: Path) -> None:
         shutil.rmtree(retired)
     else:
         os.replace(staging, path)
+
+
+def _drive_blocks(step, state, total: int, progress: bool, sq_norm):
+    """Run compiled blocks ``step(state) -> (state, losses)`` until ``state.done`` holds everywhere.
+
+    For one fit (``losses`` of shape (block,)) or a batch of fits (layers × block). Returns the
+    final state and the losses of all blocks concatenated along the last axis, ``nan`` where a fit
+    ran no iteration. The progress bar (process 0 only) shows the worst relative error.
+    """
+    blocks = []
+    sq_norm = np.asarray(sq_norm, np.float64).reshape(-1)
+    with _progress_bar(progress and jax.process_index() == 0, total) as bar:
+        while True:
+            state, losses = step(state)
+            losses = replicated_value(losses)
+            blocks.append(losses)
+            ran = np.sum(~np.isnan(losses.reshape(-1, losses.shape[-1])), axis=1)
+            if bar is not None and ran.max() > 0:
+                bar.update(int(ran.max()))
+                last = [row[n - 1] / sq for row, n, sq in zip(losses.reshape(len(ran), -1), ran, sq_norm) if n]
+                bar.set_postfix(rel_err=f"{math.sqrt(max(max(last), 0)):.4f}")
+            if bool(np.all(replicated_value(state.done))):
+                break
+    return state, np.concatenate(blocks, axis=-1)
 
 
 class _progress_bar:

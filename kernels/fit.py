@@ -64,20 +64,33 @@ class FitState(NamedTuple):
     done: jax.Array  # () bool: the stopping rule fired
 
 
-def initial_state(X: jax.Array, F0: jax.Array, G0: jax.Array) -> FitState:
-    """The state before the first iteration: statistics of ``G0`` (one pass over ``X``)."""
+def initial_state(X: jax.Array, F0: jax.Array, G0: jax.Array, axis_name: str | None = None) -> FitState:
+    """The state before the first iteration: statistics of ``G0`` (one pass over ``X``).
+
+    ``axis_name``: when ``X`` and ``G0`` are one device's rows inside ``shard_map``, the mesh axis
+    the statistics are summed over (``psum``).
+    """
     stats = chunk_statistics(X, G0)
+    if axis_name is not None:
+        stats = lax.psum(stats, axis_name)
     inf = lambda: jnp.array(jnp.inf, jnp.float32)  # noqa: E731
     zero = lambda: jnp.array(0, jnp.int32)  # noqa: E731
     # Every leaf is its own buffer: the loop donates its state, and one buffer cannot be donated twice.
     return FitState(F0, G0, stats, jnp.copy(F0), jnp.copy(G0), inf(), inf(), zero(), zero(), jnp.array(False))
 
 
-def iterate(X: jax.Array, G: jax.Array, stats: Statistics, sq_norm_X: jax.Array, config: SolverConfig):
-    """One full iteration (DESIGN.md steps 1–5) in memory; returns ``(F, G, stats, loss)``."""
+def iterate(X: jax.Array, G: jax.Array, stats: Statistics, sq_norm_X: jax.Array, config: SolverConfig,
+            axis_name: str | None = None):
+    """One full iteration (DESIGN.md steps 1–5) in memory; returns ``(F, G, stats, loss)``.
+
+    ``axis_name``: inside ``shard_map``, the mesh axis whose devices hold the other rows; the
+    statistics of the codes pass are summed over it, everything else is replicated.
+    """
     F, scale = features_step(stats.XtG, stats.GtG, ridge=config.ridge, n_keep=config.n_keep)
     Q = F.T @ F
     G, stats = codes_step(X, G, F, Q, scale, config.codes_update())
+    if axis_name is not None:
+        stats = lax.psum(stats, axis_name)
     return F, G, stats, loss_from_statistics(sq_norm_X, stats, Q)
 
 
@@ -102,7 +115,7 @@ def advance(state: FitState, F, G, stats, loss, *, sq_norm_X, tol, patience, max
     )
 
 
-@partial(jax.jit, static_argnames=("config", "block_size"), donate_argnames=("state",))
+@partial(jax.jit, static_argnames=("config", "block_size", "axis_name"), donate_argnames=("state",))
 def run_block(
     X: jax.Array,
     sq_norm_X: jax.Array,
@@ -110,23 +123,30 @@ def run_block(
     tol: jax.Array,
     patience: jax.Array,
     max_iter: jax.Array,
+    stop_at: jax.Array | None = None,
     *,
     config: SolverConfig,
     block_size: int,
+    axis_name: str | None = None,
 ):
     """Up to ``block_size`` iterations in one compiled ``while_loop``.
 
+    ``axis_name``: run inside ``shard_map`` on one device's rows, statistics summed over that axis.
+
+    ``stop_at`` (optional): also pause when ``state.iteration`` reaches it (a checkpoint boundary);
+    the state is not marked done, so the next block carries on.
     Returns the new state and the block's losses (``nan`` past the iterations actually run).
     """
     history = jnp.full((block_size,), jnp.nan, jnp.float32)
 
     def cond(carry):
         state, _, i = carry
-        return (i < block_size) & ~state.done
+        running = (i < block_size) & ~state.done
+        return running if stop_at is None else running & (state.iteration < stop_at)
 
     def body(carry):
         state, history, i = carry
-        F, G, stats, loss = iterate(X, state.G, state.stats, sq_norm_X, config)
+        F, G, stats, loss = iterate(X, state.G, state.stats, sq_norm_X, config, axis_name)
         state = advance(
             state, F, G, stats, loss, sq_norm_X=sq_norm_X, tol=tol, patience=patience, max_iter=max_iter
         )
@@ -136,8 +156,10 @@ def run_block(
     return state, history
 
 
-@partial(jax.jit, static_argnames=("max_sweeps",))
-def solve_codes(X: jax.Array, F: jax.Array, tol: jax.Array, max_sweeps: int = 500) -> jax.Array:
+@partial(jax.jit, static_argnames=("max_sweeps", "axis_name"))
+def solve_codes(
+    X: jax.Array, F: jax.Array, tol: jax.Array, max_sweeps: int = 500, axis_name: str | None = None
+) -> jax.Array:
     """Codes of new tokens with ``F`` fixed: ``argmin_{G≥0} ‖X − G Fᵀ‖²`` (non-negative least squares).
 
     Starts from the clipped unconstrained solution and runs HALS sweeps (exact coordinate descent,
@@ -159,7 +181,11 @@ def solve_codes(X: jax.Array, F: jax.Array, tol: jax.Array, max_sweeps: int = 50
     def body(carry):
         G, _, i = carry
         G_new = sweep(G, P, Q)
-        change = jnp.max(jnp.abs(G_new - G)) / jnp.maximum(jnp.max(G_new), 1e-30)
+        largest_change, largest_code = jnp.max(jnp.abs(G_new - G)), jnp.max(G_new)
+        if axis_name is not None:  # rows sharded: every device must agree on when to stop
+            largest_change = lax.pmax(largest_change, axis_name)
+            largest_code = lax.pmax(largest_code, axis_name)
+        change = largest_change / jnp.maximum(largest_code, 1e-30)
         return G_new, change, i + 1
 
     G, _, _ = lax.while_loop(cond, body, (G0, jnp.array(jnp.inf, jnp.float32), jnp.array(0)))

@@ -11,6 +11,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.extend.random import threefry2x32_p
 
 from jsnmf.kernels.steps import matmul_f32
 
@@ -18,12 +19,55 @@ from jsnmf.kernels.steps import matmul_f32
 CODES_FLOOR = 1e-6
 
 
+def _times_u32(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``a · b`` for uint32 arrays as the (high, low) uint32 words of the 64-bit product."""
+    mask = jnp.uint32(0xFFFF)
+    a0, a1, b0, b1 = a & mask, a >> 16, b & mask, b >> 16
+    p00, p01, p10, p11 = a0 * b0, a0 * b1, a1 * b0, a1 * b1  # each fits in 32 bits
+    middle = (p00 >> 16) + (p01 & mask) + (p10 & mask)
+    low = (middle << 16) | (p00 & mask)
+    high = p11 + (p01 >> 16) + (p10 >> 16) + (middle >> 16)
+    return high, low
+
+
+@partial(jax.jit, static_argnames=("n_rows", "k"))
+def random_codes(key: jax.Array, start: jax.Array, n_rows: int, k: int) -> jax.Array:
+    """Rows ``[start, start + n_rows)`` of the random initial codes ``G0 ~ U[0, 1)`` (floored at 1e-6).
+
+    Element ``(i, j)`` is drawn from the Threefry counter ``i·k + j`` alone, exactly as JAX's
+    (default, "partitionable") ``jax.random.uniform(key, (n, k))`` draws it, so any range of rows can
+    be generated on its own: a streamed fit draws the rows of each chunk and starts from the same
+    ``G0`` as the in-memory fit, whatever the chunk size. ``start`` may be traced (one compilation
+    serves every chunk of a given size).
+    """
+    k1, k2 = jax.random.key_data(key)
+    rows = jnp.asarray(start, jnp.uint32) + jnp.arange(n_rows, dtype=jnp.uint32)
+    high, low = _times_u32(rows[:, None], jnp.full((1, 1), k, jnp.uint32))
+    column = jnp.arange(k, dtype=jnp.uint32)[None, :]
+    counter_low = low + column
+    counter_high = high + (counter_low < low).astype(jnp.uint32)  # carry
+    bits1, bits2 = threefry2x32_p.bind(k1, k2, counter_high, counter_low)
+    bits = bits1 ^ bits2
+    # jax.random.uniform's float32 construction: 23 random mantissa bits under the exponent of 1.0.
+    floats = lax.bitcast_convert_type((bits >> 9) | jnp.uint32(0x3F800000), jnp.float32) - 1.0
+    return jnp.maximum(jnp.maximum(floats, 0.0), CODES_FLOOR)
+
+
+def random_keys(key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(key_F, key_G)``: the keys :func:`random_init` draws ``F0`` and ``G0`` from."""
+    key_F, key_G = jax.random.split(key)
+    return key_F, key_G
+
+
 @partial(jax.jit, static_argnames=("k",))
 def random_init(key: jax.Array, X: jax.Array, k: int):
-    """The paper's random start: ``G ~ U[0, 1)`` floored at 1e-6, ``F ~ N(0, 1)``."""
+    """The paper's random start: ``G ~ U[0, 1)`` floored at 1e-6, ``F ~ N(0, 1)``.
+
+    ``G0`` comes from :func:`random_codes`, so a streamed fit can reproduce it chunk by chunk.
+    """
     n, d = X.shape
-    key_F, key_G = jax.random.split(key)
-    G = jnp.maximum(jax.random.uniform(key_G, (n, k), jnp.float32), CODES_FLOOR)
+    key_F, key_G = random_keys(key)
+    G = random_codes(key_G, jnp.int32(0), n, k)
     F = jax.random.normal(key_F, (d, k), jnp.float32)
     return F, G
 

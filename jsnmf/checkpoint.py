@@ -1,0 +1,282 @@
+"""Checkpoints of a running fit, so that a killed fit resumes where it stopped.
+
+A checkpoint directory holds::
+
+    problem.json        JSON manifest naming the problem: settings, shape, data fingerprint, source
+    <iteration>/        one orbax step per saved iteration (the newest ``max_to_keep`` are kept)
+        state/          the fit state (arrays; orbax StandardSave)
+        problem/        the same manifest, so each step describes itself (orbax JsonSave)
+
+orbax's ``CheckpointManager`` writes each step under a temporary name and renames it when complete,
+so a kill at any moment leaves only complete steps (temporary leftovers are removed on the next
+start); saves run in a background thread while the fit goes on.
+
+The state is everything the iteration and its stopping rule carry (DESIGN.md "The algorithm"): the
+codes ``G`` of the latest iterate and the statistics ``XᵀG``, ``GᵀG``, ``Σ P⊙G`` of that pass (the
+next ``F`` follows from them), the best iterate, the patience clock, the loss history and ``‖X‖²``.
+The random start is drawn once from ``seed`` (recorded in the manifest) before the first iteration,
+so no RNG state is needed after it. In-memory and streamed fits write the same state, so either can
+resume the other's checkpoint (equal up to float rounding; bitwise when the same path resumes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from jsnmf import __version__
+
+FORMAT = "jsnmf.fit_checkpoint"
+FORMAT_VERSION = 1
+PROBLEM_FILE = "problem.json"
+ITEMS = ("state", "problem")
+# Settings and data that define the iterates: a checkpoint of another problem is refused.
+IDENTITY = ("rank", "solver", "sparsity", "ridge", "hals_sweeps", "init", "seed", "dtype",
+            "n_tokens", "d_mlp", "fingerprint")
+FINGERPRINT_ROWS = 64  # rows of X hashed, evenly spaced from the first to the last
+
+
+def data_fingerprint(read_rows: Callable[[int, int], np.ndarray], n: int, d: int) -> str:
+    """sha256 of the shape of ``X`` and of 64 of its rows (evenly spaced, first and last included) as float32.
+
+    ``read_rows(start, stop)`` returns ``X[start:stop]``. A sample, not a checksum of every value:
+    cheap on a store larger than memory, and the same for a store and for its layer loaded into
+    memory, so both paths can share a checkpoint.
+    """
+    digest = hashlib.sha256(f"{n}x{d}".encode())
+    for row in np.unique(np.linspace(0, n - 1, min(n, FINGERPRINT_ROWS)).round().astype(np.int64)):
+        values = np.ascontiguousarray(np.asarray(read_rows(int(row), int(row) + 1), dtype="<f4"))
+        digest.update(values.tobytes())
+    return digest.hexdigest()
+
+
+def problem_manifest(params: dict[str, Any], n: int, d: int, fingerprint: str, source: dict | None = None) -> dict:
+    """The JSON manifest of a fit: what defines its iterates (``IDENTITY``) plus descriptive fields."""
+    init = params["init"] if isinstance(params["init"], str) else "arrays"
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "jsnmf_version": __version__,
+        **{name: params[name] for name in ("rank", "solver", "sparsity", "ridge", "hals_sweeps", "seed", "dtype")},
+        "init": init,
+        "n_tokens": int(n),
+        "d_mlp": int(d),
+        "fingerprint": fingerprint,
+        "source": source or {"kind": "array"},
+        "stopping": {name: params[name] for name in ("max_iter", "tol", "patience")},
+    }
+
+
+@dataclass
+class FitProgress:
+    """Host copy of a fit's state at the end of an iteration (the content of a checkpoint).
+
+    ``best_G`` is None when the latest iterate is the best one (``G`` then is the best codes).
+    """
+
+    G: np.ndarray  # (n, k) codes of the latest iterate
+    best_G: np.ndarray | None  # (n, k) codes of the best iterate, None = same as G
+    XtG: np.ndarray  # (d, k) statistics of G
+    GtG: np.ndarray  # (k, k)
+    PG: np.ndarray  # ()
+    best_F: np.ndarray  # (d, k)
+    best_loss: float
+    reference_loss: float  # loss at the last improvement larger than tol·‖X‖²
+    since_improvement: int
+    iteration: int
+    sq_norm_X: float
+    loss_history: np.ndarray  # (iteration,)
+
+    def to_tree(self) -> dict[str, np.ndarray]:
+        best_is_current = self.best_G is None
+        k = self.G.shape[1]
+        return {
+            "G": self.G,
+            # orbax needs an array here; a 1×k stand-in when the best codes are G itself.
+            "best_G": np.zeros((1, k), np.float32) if best_is_current else self.best_G,
+            "best_is_current": np.asarray(best_is_current),
+            "XtG": np.asarray(self.XtG, np.float32),
+            "GtG": np.asarray(self.GtG, np.float32),
+            "PG": np.asarray(self.PG, np.float32),
+            "best_F": np.asarray(self.best_F, np.float32),
+            "best_loss": np.float32(self.best_loss),
+            "reference_loss": np.float32(self.reference_loss),
+            "since_improvement": np.int32(self.since_improvement),
+            "iteration": np.int32(self.iteration),
+            "sq_norm_X": np.float32(self.sq_norm_X),
+            # orbax cannot store an empty array; a checkpoint always follows at least one iteration.
+            "loss_history": np.asarray(self.loss_history, np.float32),
+        }
+
+    @classmethod
+    def from_fit_state(cls, state, loss_history: np.ndarray, sq_norm_X: float) -> "FitProgress":
+        """From the in-memory loop's ``kernels.fit.FitState`` (device arrays; orbax copies them on save)."""
+        return cls(
+            G=np.asarray(state.G), best_G=np.asarray(state.best_G),
+            XtG=np.asarray(state.stats.XtG), GtG=np.asarray(state.stats.GtG), PG=np.asarray(state.stats.PG),
+            best_F=np.asarray(state.best_F), best_loss=float(state.best_loss),
+            reference_loss=float(state.reference_loss), since_improvement=int(state.since_improvement),
+            iteration=int(state.iteration), sq_norm_X=sq_norm_X, loss_history=np.asarray(loss_history, np.float32))
+
+    def to_fit_state(self, *, patience: int, max_iter: int):
+        """The in-memory loop's ``FitState``; ``done`` is re-evaluated (a larger ``max_iter`` continues a fit)."""
+        import jax.numpy as jnp
+
+        from jsnmf.kernels.fit import FitState
+        from jsnmf.kernels.steps import Statistics
+
+        last = self.loss_history[-1] if len(self.loss_history) else np.float32(np.inf)
+        done = (self.since_improvement >= patience or self.iteration >= max_iter
+                or (len(self.loss_history) > 0 and not np.isfinite(last)))
+        best_G = self.G if self.best_G is None else self.best_G
+        return FitState(
+            F=jnp.array(self.best_F), G=jnp.array(self.G),
+            stats=Statistics(jnp.array(self.XtG), jnp.array(self.GtG), jnp.array(self.PG, jnp.float32)),
+            best_F=jnp.array(self.best_F), best_G=jnp.array(best_G),
+            best_loss=jnp.array(self.best_loss, jnp.float32), reference_loss=jnp.array(self.reference_loss, jnp.float32),
+            since_improvement=jnp.array(self.since_improvement, jnp.int32),
+            iteration=jnp.array(self.iteration, jnp.int32), done=jnp.array(done))
+
+    @classmethod
+    def from_tree(cls, tree: dict[str, Any]) -> "FitProgress":
+        best_is_current = bool(np.asarray(tree["best_is_current"]))
+        return cls(
+            G=np.asarray(tree["G"]),
+            best_G=None if best_is_current else np.asarray(tree["best_G"]),
+            XtG=np.asarray(tree["XtG"]),
+            GtG=np.asarray(tree["GtG"]),
+            PG=np.asarray(tree["PG"]),
+            best_F=np.asarray(tree["best_F"]),
+            best_loss=float(np.asarray(tree["best_loss"])),
+            reference_loss=float(np.asarray(tree["reference_loss"])),
+            since_improvement=int(np.asarray(tree["since_improvement"])),
+            iteration=int(np.asarray(tree["iteration"])),
+            sq_norm_X=float(np.asarray(tree["sq_norm_X"])),
+            loss_history=np.asarray(tree["loss_history"], np.float32).reshape(-1),
+        )
+
+
+def _atomic_write_json(path: Path, value: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps(value, indent=1) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _differences(saved: dict, current: dict) -> list[str]:
+    return [f"{name} {saved.get(name)!r} (checkpoint) vs {current.get(name)!r} (this fit)"
+            for name in IDENTITY if saved.get(name) != current.get(name)]
+
+
+class FitCheckpointer:
+    """Saves a fit's state every ``every`` iterations into ``directory`` and finds the one to resume.
+
+    ``resume=False`` refuses a directory that already holds checkpoints (so a finished run is never
+    overwritten by accident); ``resume=True`` continues from its latest complete step, or starts
+    afresh when it has none. A checkpoint of another problem (``IDENTITY``) raises ValueError.
+    """
+
+    def __init__(self, directory: str | os.PathLike, problem: dict, *, every: int, max_to_keep: int,
+                 resume: bool):
+        import orbax.checkpoint as ocp
+
+        self.directory = Path(directory).expanduser().absolute()
+        self.problem = problem
+        self.every = int(every)
+        if self.directory.exists() and not self.directory.is_dir():
+            raise ValueError(f"checkpoint_dir {self.directory} exists and is not a directory")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=int(max_to_keep), create=True, cleanup_tmp_directories=True,
+            enable_async_checkpointing=True,
+        )
+        self._ocp = ocp
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+        steps = self.manager.all_steps()
+        problem_path = self.directory / PROBLEM_FILE
+        try:
+            if steps and not resume:
+                raise ValueError(
+                    f"checkpoint_dir {self.directory} already holds checkpoints (iterations {sorted(steps)}) "
+                    "of an earlier fit: pass resume=True to continue it, or use an empty directory")
+            if steps and problem_path.is_file():
+                try:
+                    saved = json.loads(problem_path.read_text(encoding="utf-8"))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{problem_path} is not valid JSON: {err}") from err
+                self._check_identity(saved, problem_path)
+        except BaseException:
+            self.manager.close()
+            raise
+        _atomic_write_json(problem_path, problem)
+        self._saved: set[int] = set(steps)
+
+    def _check_identity(self, saved: dict, where: Path | str) -> None:
+        if saved.get("format") != FORMAT:
+            raise ValueError(f"{where}: not a jsnmf fit checkpoint (format {saved.get('format')!r})")
+        if saved.get("format_version", 0) > FORMAT_VERSION:
+            raise ValueError(f"{where}: written by a newer jsnmf (format version {saved['format_version']})")
+        differences = _differences(saved, self.problem)
+        if differences:
+            raise ValueError(
+                f"checkpoint_dir {self.directory} holds a checkpoint of a different problem: "
+                + "; ".join(differences) + ". Use another checkpoint_dir for this fit.")
+
+    def restore_latest(self) -> FitProgress | None:
+        """The state of the latest complete checkpoint, or None when there is none."""
+        step = self.manager.latest_step()
+        if step is None:
+            return None
+        ocp = self._ocp
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(), problem=ocp.args.JsonRestore()))
+        self._check_identity(dict(restored.problem), self.directory / str(step))
+        progress = FitProgress.from_tree(dict(restored.state))
+        n, k, d = self.problem["n_tokens"], self.problem["rank"], self.problem["d_mlp"]
+        expected = {"G": (n, k), "XtG": (d, k), "GtG": (k, k), "best_F": (d, k),
+                    "loss_history": (progress.iteration,)}
+        for name, shape in expected.items():
+            if tuple(np.shape(getattr(progress, name))) != shape:
+                raise ValueError(f"{self.directory / str(step)}: array {name} has shape "
+                                 f"{np.shape(getattr(progress, name))}, expected {shape}")
+        if progress.best_G is not None and progress.best_G.shape != (n, k):
+            raise ValueError(f"{self.directory / str(step)}: array best_G has shape {progress.best_G.shape}, "
+                             f"expected {(n, k)}")
+        return progress
+
+    def due(self, iteration: int) -> bool:
+        """Whether the interval asks for a checkpoint after ``iteration`` iterations."""
+        return iteration > 0 and iteration % self.every == 0 and iteration not in self._saved
+
+    def next_boundary(self, iteration: int) -> int:
+        """The next iteration count after ``iteration`` at which a checkpoint is due."""
+        return (iteration // self.every + 1) * self.every
+
+    def save(self, progress: FitProgress) -> None:
+        """Save ``progress`` as step ``progress.iteration`` (in the background; a step saved already is kept)."""
+        if progress.iteration in self._saved or progress.iteration == 0:
+            return
+        ocp = self._ocp
+        # orbax copies NumPy arrays before save() returns, so the caller may overwrite its buffers.
+        self.manager.save(progress.iteration, force=True, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(progress.to_tree()), problem=ocp.args.JsonSave(self.problem)))
+        self._saved.add(progress.iteration)
+
+    def close(self) -> None:
+        """Wait for the background save to finish and release the manager."""
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+    def __enter__(self) -> "FitCheckpointer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,906 @@
+"""Out-of-core SNMF: one pass over the chunks of ``X`` per iteration (DESIGN.md, "Streaming is exact").
+
+An iteration needs only ``XᵀG`` (d×k), ``GᵀG`` (k×k) and ``Σ P⊙G`` from the data, all sums over
+tokens. So each iteration computes ``F`` from the statistics of the last pass
+(:func:`~jsnmf.kernels.steps.features_step`), then streams the chunks: each chunk's rows of ``G``
+are updated with that ``F`` (:func:`~jsnmf.kernels.steps.codes_step`) and the chunk's statistics are
+added up for the next ``F`` and the loss. The iterates are those of the in-memory fit up to float
+rounding (the sums are taken chunk by chunk).
+
+Where things live:
+
+- ``X`` is read chunk by chunk from a *chunk source*: an :class:`~jsnmf.store.ActivationStore`
+  layer, a ``np.memmap``, or anything with ``n_tokens``, ``d_mlp``, ``chunk_bounds`` and
+  ``read(layer, start, stop, raw=True)``. A background thread fetches the next chunk, in the on-disk
+  precision (float32, float16 or bfloat16), and puts it on the device while the current chunk
+  computes: a whole chunk file of a store (or rows of a memmap's file) is memory-mapped with its
+  pages read in, anything else is read into one of two reused page-aligned buffers (zero-padded).
+  On the CPU ``jax.device_put`` shares such aligned host memory instead of copying it, so about two
+  chunks are in memory at a time and no chunk is copied on the host.
+- Every chunk is padded to the same number of rows with zero rows and zero codes (a zero row with
+  zero codes keeps zero codes under both solvers and adds nothing to the statistics), so each
+  per-chunk step compiles once.
+- ``G`` is kept as two buffers (the codes being read, the codes being written) plus the best codes,
+  in memory or in ``.npy`` files read and written with ``pread``/``pwrite`` (``codes_on_disk``), so
+  that on-disk codes do not occupy resident memory.
+- The best iterate is kept as in memory: the best ``F`` on the host, and the best ``G`` copied chunk
+  by chunk during the pass after the one that produced it (no extra pass over ``G``).
+
+Initializations: ``"random"`` draws exactly the in-memory ``G0`` chunk by chunk (each value from its
+own Threefry counter, :func:`~jsnmf.kernels.init.random_codes`); ``"kmeans"`` is the in-memory algorithm with
+each Lloyd iteration a pass over the chunks; ``"svd"`` is a streamed randomized subspace iteration
+on ``XᵀX`` with a Rayleigh–Ritz step (the same rank-k subspace as the in-memory range finder up to
+its approximation, not the same numbers); ``(F0, G0)`` reads ``G0`` (array or memmap) by chunks.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import mmap
+import os
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from jsnmf.kernels.fit import SolverConfig
+from jsnmf.kernels.init import CODES_FLOOR, random_codes, random_keys
+from jsnmf.kernels.steps import (
+    Statistics,
+    chunk_statistics,
+    codes_step,
+    features_step,
+    loss_from_statistics,
+    matmul_f32,
+)
+
+DEFAULT_CHUNK_TOKENS = 65536
+RAW_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
+              "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+SVD_OVERSAMPLE, SVD_POWER_ITERS = 10, 2
+KMEANS_ITERS, KMEANS_OFFSET = 20, 0.2
+
+
+class ChunkSource(Protocol):
+    """What the streamed fit reads ``X`` from (an ActivationStore satisfies it)."""
+
+    n_tokens: int
+    d_mlp: int
+    chunk_bounds: list[tuple[int, int]]
+
+    def read(self, layer: Any, start: int, stop: int, *, raw: bool = False) -> np.ndarray: ...
+
+
+def aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """A zero-filled array in its own anonymous memory map (page-aligned, so device_put shares it on CPU).
+
+    Chunk buffers bypass ``malloc``: allocated in the reader thread and freed in the main one,
+    glibc would keep them in per-thread arenas and the resident set would creep up pass after pass;
+    a memory map is returned to the system as soon as the last array using it is gone.
+    """
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    if nbytes == 0:
+        return np.zeros(shape, dtype)
+    buffer = mmap.mmap(-1, nbytes)
+    return np.frombuffer(buffer, dtype, count=int(np.prod(shape))).reshape(shape)
+
+
+class _PooledBuffer:
+    """One buffer of a :class:`BufferPool`, with the reference counts it has when nobody uses it."""
+
+    def __init__(self, array: np.ndarray):
+        self.array = array
+        self.chain: list[Any] = []  # the array and its bases (JAX may hold any of them)
+        owner: Any = array
+        while owner is not None:
+            self.chain.append(owner)
+            owner = getattr(owner, "base", None)
+        self.idle: list[int] = []
+
+    def counts(self) -> list[int]:
+        return [sys.getrefcount(owner) for owner in self.chain]
+
+    def is_idle(self) -> bool:
+        return self.counts() == self.idle
+
+
+class BufferPool:
+    """Reusable page-aligned host buffers of one shape, for arrays handed to ``jax.device_put``.
+
+    A fresh buffer costs a page fault per 4 KiB page (≈ 80 ms for 64 MiB on a small VM, as long as the
+    product it feeds); reusing two buffers turn about avoids that. On the CPU ``device_put`` shares
+    an aligned buffer instead of copying it, and on a GPU the copy may still be in flight when it
+    returns; either way JAX holds a reference to the array (or a base of it) while it needs the
+    memory. A buffer is handed out again only when the reference counts of it and its bases are
+    back to their idle values; otherwise a fresh buffer is allocated, so reuse never overwrites data
+    that is still in use.
+    """
+
+    def __init__(self, shape: tuple[int, ...], dtype, keep: int = 2):
+        self.shape, self.dtype, self.keep = tuple(shape), np.dtype(dtype), keep
+        self._buffers: list[_PooledBuffer] = []
+        self._lock = threading.Lock()
+
+    def clear(self) -> None:
+        """Let go of the buffers (they are freed once nothing else uses them)."""
+        with self._lock:
+            self._buffers = []
+
+    def _idle(self) -> np.ndarray | None:
+        return next((pooled.array for pooled in self._buffers if pooled.is_idle()), None)
+
+    def take(self) -> np.ndarray:
+        """A buffer of the pool's shape (contents undefined) that nothing else uses."""
+        with self._lock:
+            idle = self._idle()
+            if idle is None and len(self._buffers) >= self.keep:
+                # The first call of a compiled function keeps its arguments alive until the next
+                # garbage collection; collect rather than allocate a chunk more.
+                gc.collect()
+                idle = self._idle()
+            if idle is not None:
+                return idle
+            if len(self._buffers) >= self.keep:
+                return aligned_empty(self.shape, self.dtype)
+            pooled = _PooledBuffer(aligned_empty(self.shape, self.dtype))
+            pooled.idle = pooled.counts()  # measured with no reference but the pool's
+            self._buffers.append(pooled)
+            return pooled.array
+
+
+def regular_bounds(n: int, rows: int) -> list[tuple[int, int]]:
+    """``[(0, rows), (rows, 2·rows), …]`` covering ``n`` tokens."""
+    return [(start, min(start + rows, n)) for start in range(0, n, rows)]
+
+
+class ArraySource:
+    """A 2-D array (``np.ndarray``, ``np.memmap``, ``jax.Array``) seen as a chunk source.
+
+    The rows of a C-ordered ``np.memmap`` are read from its file (see :meth:`StreamPlan.load`), so
+    the pages a pass touches do not stay mapped (and counted) in the process.
+    """
+
+    layers = None
+
+    def __init__(self, X, chunk_tokens: int | None = None):
+        if X.ndim != 2:
+            raise ValueError(f"X must be 2-D (n_tokens, d_mlp); got {X.ndim} dimension(s), shape {X.shape}")
+        if X.shape[0] == 0 or X.shape[1] == 0:
+            raise ValueError(f"X is empty: shape {X.shape}")
+        if not jnp.issubdtype(X.dtype, jnp.floating):
+            raise ValueError(f"X must hold floats (float32, float16 or bfloat16); got dtype {X.dtype}")
+        self.X = X
+        self.n_tokens, self.d_mlp = (int(s) for s in X.shape)
+        name = np.dtype(X.dtype).name
+        self.dtype = name if name in RAW_DTYPES else "float32"  # float64 is streamed as float32
+        self.chunk_bounds = regular_bounds(self.n_tokens, int(chunk_tokens or DEFAULT_CHUNK_TOKENS))
+        self._file = None
+        if (isinstance(X, np.memmap) and X.filename and X.flags.c_contiguous and self.dtype == name
+                and isinstance(getattr(X, "offset", None), int)):
+            self._file = (X.filename, X.offset)
+
+    def read(self, layer, start: int, stop: int, *, raw: bool = False) -> np.ndarray:
+        rows = np.asarray(self.X[start:stop])
+        return rows.astype(RAW_DTYPES[self.dtype] if raw else np.float32, copy=False)
+
+    def locate(self, layer, start: int, stop: int) -> tuple[str, int] | None:
+        """``(file, byte offset)`` of the rows ``[start, stop)`` when they lie contiguously in a file."""
+        if self._file is None:
+            return None
+        filename, offset = self._file
+        return filename, offset + start * self.d_mlp * RAW_DTYPES[self.dtype].itemsize
+
+    def describe(self) -> dict:
+        kind = "memmap" if isinstance(self.X, np.memmap) else "array"
+        info = {"kind": kind, "dtype": self.dtype}
+        if self._file is not None:
+            info["path"] = str(self._file[0])
+        return info
+
+
+def _pread_exact(path: str | os.PathLike, view: memoryview, offset: int) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        done = 0
+        while done < len(view):
+            got = os.preadv(fd, [view[done:]], offset + done)
+            if got <= 0:
+                raise ValueError(f"{path}: file ends before byte {offset + len(view)} (truncated?)")
+            done += got
+    finally:
+        os.close(fd)
+
+
+def map_rows(path: str | os.PathLike, offset: int, shape: tuple[int, int], dtype) -> np.ndarray:
+    """A read-only array over bytes ``[offset, offset + size)`` of ``path``, mapped with its pages read in.
+
+    ``MAP_POPULATE`` reads the pages in one go in the calling (reader) thread, so the product that
+    uses the array does not stop on page faults. When ``offset`` is 64-byte aligned (as the data of a
+    ``.npy`` file is) ``jax.device_put`` on the CPU uses the mapping without copying it.
+    """
+    dtype = np.dtype(dtype)
+    count = int(np.prod(shape))
+    nbytes = count * dtype.itemsize
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if offset + nbytes > size:
+            raise ValueError(f"{path}: file ends at byte {size}, before the rows it should hold "
+                             f"(bytes [{offset}, {offset + nbytes})); truncated?")
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+        mapping = mmap.mmap(f.fileno(), offset + nbytes - start, flags=flags, prot=mmap.PROT_READ, offset=start)
+    return np.frombuffer(mapping, dtype, count=count, offset=offset - start).reshape(shape)
+
+
+def _npy_data_offset(path: Path) -> tuple[int, tuple[int, ...], np.dtype, bool]:
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+        else:
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+        return f.tell(), shape, dtype, fortran
+
+
+def _store_chunk_locator(store, layer, itemsize: int) -> Callable[[int, int], tuple[Path, int] | None] | None:
+    """For an ActivationStore: where a whole chunk's data lies, ``(its .npy file, data offset)``."""
+    if not (hasattr(store, "chunk_path") and hasattr(store, "chunk_bounds")):
+        return None
+    index_of = {bounds: i for i, bounds in enumerate(store.chunk_bounds)}
+
+    def locate(start: int, stop: int) -> tuple[Path, int] | None:
+        index = index_of.get((start, stop))
+        if index is None:
+            return None
+        path = store.chunk_path(layer, index)
+        offset, shape, dtype, fortran = _npy_data_offset(path)
+        if tuple(shape) != (stop - start, store.d_mlp) or fortran or dtype.itemsize != itemsize:
+            raise ValueError(f"{path}: expected a C-ordered array of shape {(stop - start, store.d_mlp)} "
+                             f"with {itemsize}-byte items, found {dtype} {shape}")
+        return path, offset
+
+    return locate
+
+
+@dataclass
+class StreamPlan:
+    """How ``X`` is streamed: the source, the layer, the chunks and their padded size."""
+
+    source: Any
+    layer: Any
+    bounds: list[tuple[int, int]]
+    chunk_rows: int
+    raw_dtype: np.dtype
+
+    @property
+    def n(self) -> int:
+        return int(self.source.n_tokens)
+
+    @property
+    def d(self) -> int:
+        return int(self.source.d_mlp)
+
+    def __post_init__(self):
+        store_locator = _store_chunk_locator(self.source, self.layer, self.raw_dtype.itemsize)
+        if store_locator is not None:
+            self._locate = store_locator
+        elif hasattr(self.source, "locate"):
+            self._locate = lambda start, stop: self.source.locate(self.layer, start, stop)
+        else:
+            self._locate = lambda start, stop: None
+        self._buffers = BufferPool((self.chunk_rows, self.d), self.raw_dtype)
+
+    def load(self, index: int) -> np.ndarray:
+        """Chunk ``index`` in the raw dtype, zero-padded to ``chunk_rows`` rows.
+
+        A full chunk that lies in a file is mapped (no copy); otherwise the rows are read into a
+        pooled aligned buffer and the padding rows zeroed.
+        """
+        start, stop = self.bounds[index]
+        located = self._locate(start, stop)
+        if located is not None and stop - start == self.chunk_rows:
+            return map_rows(located[0], located[1], (stop - start, self.d), self.raw_dtype)
+        out = self._buffers.take()
+        if located is not None:
+            _pread_exact(located[0], memoryview(out[: stop - start].reshape(-1).view(np.uint8)), located[1])
+        else:
+            rows = self.source.read(self.layer, start, stop, raw=True)
+            if rows.shape != (stop - start, self.d):
+                raise ValueError(f"the chunk source returned shape {rows.shape} for tokens [{start}, {stop}), "
+                                 f"expected {(stop - start, self.d)}")
+            out[: stop - start] = rows
+        out[stop - start:] = 0  # padding rows: zero rows with zero codes add nothing
+        return out
+
+    def release_buffers(self) -> None:
+        """Free the pooled chunk buffers between passes (reallocated on the next pass if needed)."""
+        self._buffers.clear()
+
+    def read_rows(self, start: int, stop: int) -> np.ndarray:
+        """``X[start:stop]`` as float32 (for fingerprints and k-means seeds)."""
+        return np.asarray(self.source.read(self.layer, start, stop, raw=True)).astype(np.float32)
+
+    def describe(self) -> dict:
+        if hasattr(self.source, "describe"):
+            return self.source.describe()
+        info: dict[str, Any] = {"kind": type(self.source).__name__, "layer": self.layer,
+                                "dtype": self.raw_dtype.name}
+        if getattr(self.source, "path", None) is not None:
+            info["path"] = str(self.source.path)
+        manifest = getattr(self.source, "manifest", None)
+        if isinstance(manifest, dict) and isinstance(manifest.get("corpus"), dict):
+            info["corpus_sha256"] = manifest["corpus"].get("sha256")
+        return info
+
+
+def is_chunk_source(X) -> bool:
+    return all(hasattr(X, name) for name in ("chunk_bounds", "read", "n_tokens", "d_mlp"))
+
+
+def make_plan(X, layer=None, chunk_tokens: int | None = None, force: bool = False) -> StreamPlan | None:
+    """The streaming plan for ``X``, or None when ``X`` is an ordinary array to fit in memory.
+
+    Streamed: chunk sources (an ActivationStore: pick ``layer``), ``np.memmap`` arrays, and any array
+    when ``chunk_tokens`` is set or ``force``. ``chunk_tokens`` regroups the source's chunks.
+    """
+    if is_chunk_source(X):
+        source = X
+        layers = getattr(source, "layers", None)
+        if layers is not None:
+            layers = list(layers)
+            if layer is None:
+                if len(layers) != 1:
+                    raise ValueError(f"this store holds layers {layers}: pass fit(store, layer=L) to choose one")
+                layer = layers[0]
+            elif layer not in layers:
+                raise ValueError(f"layer {layer} is not in the store (layers {layers})")
+        bounds = regular_bounds(int(source.n_tokens), int(chunk_tokens)) if chunk_tokens else \
+            [(int(a), int(b)) for a, b in source.chunk_bounds]
+    elif isinstance(X, np.memmap) or ((chunk_tokens or force) and hasattr(X, "shape") and hasattr(X, "dtype")):
+        if layer is not None:
+            raise ValueError("layer= selects a layer of an ActivationStore; X is a plain array")
+        source = ArraySource(X, chunk_tokens)
+        bounds = source.chunk_bounds
+    else:
+        if layer is not None:
+            raise ValueError("layer= selects a layer of an ActivationStore; X is a plain array")
+        return None
+    n, d = int(source.n_tokens), int(source.d_mlp)
+    if n == 0 or d == 0:
+        raise ValueError(f"X is empty: {n} tokens × {d} dimensions")
+    _check_bounds(bounds, n)
+    raw_name = getattr(source, "dtype", None)
+    if raw_name is None:
+        raw_name = np.dtype(source.read(layer, 0, 1, raw=True).dtype).name
+    raw_name = str(raw_name)
+    if raw_name not in RAW_DTYPES:
+        raise ValueError(f"X is stored as {raw_name}; streaming reads float32, float16 or bfloat16")
+    chunk_rows = max(stop - start for start, stop in bounds)
+    return StreamPlan(source, layer, bounds, chunk_rows, RAW_DTYPES[raw_name])
+
+
+def _check_bounds(bounds: list[tuple[int, int]], n: int) -> None:
+    expected = 0
+    for start, stop in bounds:
+        if start != expected or stop <= start:
+            raise ValueError(f"chunk bounds must tile [0, {n}) in order; found ({start}, {stop}) after {expected}")
+        expected = stop
+    if expected != n:
+        raise ValueError(f"chunk bounds cover [0, {expected}) but X has {n} tokens")
+
+
+# -- codes buffers --------------------------------------------------------------------------------
+
+class MemoryCodes:
+    """An n×k float32 codes buffer in host memory."""
+
+    def __init__(self, n: int, k: int):
+        self.array = np.zeros((n, k), np.float32)
+
+    def read_into(self, start: int, stop: int, out: np.ndarray) -> None:
+        out[: stop - start] = self.array[start:stop]
+
+    def write(self, start: int, values: np.ndarray) -> None:
+        self.array[start:start + len(values)] = values
+
+    def full(self) -> np.ndarray:
+        return self.array
+
+    def result(self) -> np.ndarray:
+        return self.array
+
+    def close(self) -> None:
+        pass
+
+
+class DiskCodes:
+    """An n×k float32 codes buffer in a ``.npy`` file, read and written with pread/pwrite."""
+
+    def __init__(self, path: Path, n: int, k: int):
+        self.path, self.n, self.k = Path(path), n, k
+        with open(self.path, "wb") as f:
+            np.lib.format.write_array_header_1_0(
+                f, {"descr": np.lib.format.dtype_to_descr(np.dtype("<f4")), "fortran_order": False, "shape": (n, k)})
+            self.offset = f.tell()
+            f.truncate(self.offset + n * k * 4)
+        self.fd = os.open(self.path, os.O_RDWR)
+
+    def read_into(self, start: int, stop: int, out: np.ndarray) -> None:
+        view = memoryview(out[: stop - start].reshape(-1).view(np.uint8))
+        done = 0
+        while done < len(view):
+            got = os.preadv(self.fd, [view[done:]], self.offset + start * self.k * 4 + done)
+            if got <= 0:
+                raise ValueError(f"{self.path}: file ends before row {stop} (truncated?)")
+            done += got
+
+    def write(self, start: int, values: np.ndarray) -> None:
+        data = memoryview(np.ascontiguousarray(values, "<f4").reshape(-1).view(np.uint8))
+        done = 0
+        while done < len(data):
+            done += os.pwrite(self.fd, data[done:], self.offset + start * self.k * 4 + done)
+
+    def full(self) -> np.ndarray:
+        return np.load(self.path, mmap_mode="r")
+
+    def result(self) -> np.ndarray:
+        return np.load(self.path, mmap_mode="r")
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _fill(buffer, values: np.ndarray, rows: int = 65536) -> None:
+    for start in range(0, len(values), rows):
+        buffer.write(start, np.asarray(values[start:start + rows], np.float32))
+
+
+# -- compiled per-chunk steps ---------------------------------------------------------------------
+
+def _valid_rows(chunk_rows: int, valid: jax.Array) -> jax.Array:
+    return (jnp.arange(chunk_rows) < valid)[:, None]
+
+
+@partial(jax.jit, static_argnames=("chunk_rows", "k"))
+def _random_chunk(key_G, start, valid, *, chunk_rows, k):
+    return random_codes(key_G, start, chunk_rows, k) * _valid_rows(chunk_rows, valid)
+
+
+@partial(jax.jit, static_argnames=("dtype",), donate_argnames=("acc",))
+def _initial_statistics(X_raw, G, acc, *, dtype):
+    """Statistics of the initial codes, ``‖X‖²`` and whether the chunk is finite."""
+    stats, sq_norm = acc
+    finite = jnp.all(jnp.isfinite(X_raw))
+    X = X_raw.astype(dtype)
+    chunk = chunk_statistics(X, G)
+    return (stats + chunk, sq_norm + jnp.sum(jnp.square(X.astype(jnp.float32)))), finite
+
+
+@partial(jax.jit, static_argnames=("config",))
+def _features(XtG, GtG, *, config: SolverConfig):
+    F, scale = features_step(XtG, GtG, ridge=config.ridge, n_keep=config.n_keep)
+    return F, scale, F.T @ F
+
+
+@partial(jax.jit, static_argnames=("config", "dtype"), donate_argnames=("acc",))
+def _codes_chunk(X_raw, G, F, Q, scale, acc, *, config: SolverConfig, dtype):
+    """One chunk of the codes pass: new codes for its rows, and its statistics added to ``acc``."""
+    G, stats = codes_step(X_raw.astype(dtype), G, F, Q, scale, config.codes_update())
+    return G, acc + stats
+
+
+@jax.jit
+def _loss(sq_norm_X, stats, Q):
+    return loss_from_statistics(sq_norm_X, stats, Q)
+
+
+# k-means (Ding et al.'s start), streamed: each Lloyd iteration is a pass.
+@partial(jax.jit, static_argnames=("dtype",))
+def _kmeans_assign(X_raw, centroids, valid, *, dtype):
+    X = X_raw.astype(dtype)
+    sq_rows = jnp.sum(jnp.square(X.astype(jnp.float32)), axis=1)
+    distance = sq_rows[:, None] - 2.0 * matmul_f32(X, centroids.T) + jnp.sum(centroids * centroids, axis=1)[None, :]
+    onehot = jax.nn.one_hot(jnp.argmin(distance, axis=1), centroids.shape[0], dtype=jnp.float32)
+    return X, onehot * _valid_rows(X.shape[0], valid)
+
+
+@partial(jax.jit, static_argnames=("dtype",), donate_argnames=("acc",))
+def _kmeans_accumulate(X_raw, centroids, valid, acc, *, dtype):
+    X, onehot = _kmeans_assign(X_raw, centroids, valid, dtype=dtype)
+    sums, counts = acc
+    return sums + matmul_f32(X.T, onehot).T, counts + jnp.sum(onehot, axis=0)
+
+
+@partial(jax.jit, static_argnames=("dtype",))
+def _kmeans_codes(X_raw, centroids, valid, *, dtype):
+    _, onehot = _kmeans_assign(X_raw, centroids, valid, dtype=dtype)
+    return (onehot + KMEANS_OFFSET) * _valid_rows(X_raw.shape[0], valid)
+
+
+# SVD start, streamed: subspace iteration on XᵀX, Rayleigh–Ritz, then Ding et al.'s sign rule.
+@partial(jax.jit, static_argnames=("dtype",), donate_argnames=("acc",))
+def _gram_times(X_raw, V, acc, *, dtype):
+    X = X_raw.astype(dtype)
+    XV = matmul_f32(X, V)
+    return acc + matmul_f32(X.T, XV)
+
+
+@partial(jax.jit, static_argnames=("dtype",), donate_argnames=("acc",))
+def _projected_gram(X_raw, V, acc, *, dtype):
+    XV = matmul_f32(X_raw.astype(dtype), V)
+    return acc + XV.T @ XV
+
+
+@partial(jax.jit, static_argnames=("dtype",), donate_argnames=("acc",))
+def _sign_masses(X_raw, V, acc, *, dtype):
+    US = matmul_f32(X_raw.astype(dtype), V)
+    pos, neg = jnp.maximum(US, 0.0), jnp.maximum(-US, 0.0)
+    return acc + jnp.stack([jnp.sum(pos * pos, 0), jnp.sum(neg * neg, 0), jnp.sum(pos, 0), jnp.sum(neg, 0)])
+
+
+@partial(jax.jit, static_argnames=("dtype",))
+def _svd_codes(X_raw, V, floor, valid, *, dtype):
+    US = matmul_f32(X_raw.astype(dtype), V)
+    return (jnp.maximum(US, 0.0) + floor) * _valid_rows(X_raw.shape[0], valid)
+
+
+# -- the pass over the chunks ---------------------------------------------------------------------
+
+@dataclass
+class Chunk:
+    index: int
+    start: int
+    stop: int
+    X: jax.Array  # (chunk_rows, d) raw dtype, on the device
+    G: jax.Array | None  # (chunk_rows, k) codes read for this pass, on the device
+
+
+def stream_chunks(plan: StreamPlan, codes: Callable[[int, int], np.ndarray] | None = None) -> Iterator[Chunk]:
+    """Yield the chunks in order; a background thread reads and places the next one meanwhile.
+
+    ``codes(start, stop)``, when given, is called in the same thread for the chunk's codes (padded).
+    When the consumer asks for the next chunk it is done with the previous one, whose arrays are
+    dropped here before the following read starts: with a consumer that waits for each chunk's
+    result, at most two chunks are held (the one computing, the one being read).
+    """
+
+    def load(index: int) -> Chunk:
+        start, stop = plan.bounds[index]
+        X = jax.device_put(plan.load(index))
+        G = jax.device_put(codes(start, stop)) if codes is not None else None
+        return Chunk(index, start, stop, X, G)
+
+    count = len(plan.bounds)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="jsnmf-prefetch") as pool:
+        future = pool.submit(load, 0)
+        previous = None
+        try:
+            for index in range(count):
+                chunk = future.result()
+                if previous is not None:
+                    previous.X = previous.G = None
+                    if index == 1:
+                        # The first call of a compiled function keeps its arguments alive until the
+                        # next garbage collection: collect once, before the third chunk is read.
+                        gc.collect()
+                future = pool.submit(load, index + 1) if index + 1 < count else None
+                previous = chunk
+                yield chunk
+        finally:
+            if future is not None:
+                future.cancel()
+            if previous is not None:  # the consumer's loop variable would keep the last chunk alive
+                previous.X = previous.G = None
+            plan.release_buffers()  # a store's full chunks are mapped; the pool only served the short one
+
+
+@dataclass
+class Book:
+    """The stopping rule and best-iterate book-keeping of ``kernels.fit.advance``, on the host (float32)."""
+
+    best_loss: np.float32 = np.float32(np.inf)
+    reference_loss: np.float32 = np.float32(np.inf)
+    since_improvement: int = 0
+    iteration: int = 0
+
+    def advance(self, loss: np.float32, *, tol: np.float32, sq_norm_X: np.float32) -> bool:
+        """Record an iteration's loss; True when it is the best so far."""
+        better = bool(loss < self.best_loss)
+        improved = bool(loss < np.float32(self.reference_loss - np.float32(tol * sq_norm_X)))
+        self.since_improvement = 0 if improved else self.since_improvement + 1
+        self.iteration += 1
+        if better:
+            self.best_loss = loss
+        if improved:
+            self.reference_loss = loss
+        return better
+
+    def done(self, loss: np.float32, *, patience: int, max_iter: int) -> bool:
+        return self.since_improvement >= patience or self.iteration >= max_iter or not np.isfinite(loss)
+
+
+@dataclass
+class FitResult:
+    """What a fit produces (the estimator copies it into its attributes)."""
+
+    features: np.ndarray
+    codes: np.ndarray
+    loss_history: np.ndarray
+    n_iter: int
+    best_loss: float
+    sq_norm_X: float
+
+
+def _zero_statistics(d: int, k: int) -> Statistics:
+    return Statistics(jnp.zeros((d, k), jnp.float32), jnp.zeros((k, k), jnp.float32), jnp.zeros((), jnp.float32))
+
+
+def _first_non_finite(plan: StreamPlan, index: int) -> str:
+    start, stop = plan.bounds[index]
+    rows = plan.load(index)[: stop - start].astype(np.float32)
+    row, col = np.argwhere(~np.isfinite(rows))[0]
+    where = plan.describe().get("path")
+    layer = f" layer {plan.layer}" if plan.layer is not None else ""
+    of = f" of {where}{layer}" if where is not None else layer
+    return f"X contains NaN or Inf (first at row {start + row}, column {col}{of}, chunk [{start}, {stop}))"
+
+
+class StreamedFit:
+    """The streamed fit of one estimator on one plan (see the module docstring)."""
+
+    def __init__(self, model, plan: StreamPlan, compute_dtype, *, checkpointer=None, work_dir: Path | None = None):
+        self.model, self.plan = model, plan
+        self.n, self.d, self.k = plan.n, plan.d, int(model.rank)
+        self.dtype = compute_dtype
+        self.config: SolverConfig = model._solver_config(self.d)
+        self.checkpointer = checkpointer
+        self.work_dir = work_dir
+        self.tokens_per_second = float("nan")
+        self._codes_buffers = BufferPool((plan.chunk_rows, self.k), np.float32)
+
+    # -- codes buffers
+
+    def _buffer(self, name: str):
+        if self.work_dir is None:
+            return MemoryCodes(self.n, self.k)
+        return DiskCodes(self.work_dir / f"{name}.npy", self.n, self.k)
+
+    def _read_codes(self, buffer, copy_to=None):
+        """Reader of a chunk's codes from ``buffer`` (padded with zero rows), copying them to ``copy_to``."""
+
+        def read(start: int, stop: int) -> np.ndarray:
+            out = self._codes_buffers.take()
+            buffer.read_into(start, stop, out)
+            out[stop - start:] = 0
+            if copy_to is not None:
+                copy_to.write(start, out[: stop - start])
+            return out
+
+        return read
+
+    # -- initialization
+
+    def _initial_codes_function(self, bar) -> Callable[[Chunk], jax.Array] | None:
+        """A function of a chunk giving its initial codes on the device (None: read from ``init`` arrays)."""
+        init, k, dtype = self.model.init, self.k, self.dtype
+        key = jax.random.key(self.model.seed)
+        if not isinstance(init, str):
+            return None
+        if init == "random":
+            _, key_G = random_keys(key)
+            rows = self.plan.chunk_rows
+            return lambda c: _random_chunk(key_G, jnp.int32(c.start), jnp.int32(c.stop - c.start),
+                                           chunk_rows=rows, k=k)
+        if init == "kmeans":
+            centroids = self._kmeans_centroids(key, bar)
+            return lambda c: _kmeans_codes(c.X, centroids, jnp.int32(c.stop - c.start), dtype=dtype)
+        if init == "svd":
+            V, floor = self._svd_directions(key, bar)
+            return lambda c: _svd_codes(c.X, V, floor, jnp.int32(c.stop - c.start), dtype=dtype)
+        raise ValueError(f"unknown init {init!r} for a streamed fit; expected random, svd, kmeans or (F0, G0)")
+
+    def _kmeans_centroids(self, key, bar) -> jax.Array:
+        rows = np.asarray(jax.random.choice(key, self.n, (self.k,), replace=False))
+        seeds = np.stack([self.plan.read_rows(int(r), int(r) + 1)[0] for r in rows])
+        centroids = jnp.asarray(seeds, self.dtype).astype(jnp.float32)
+        for it in range(KMEANS_ITERS):
+            _stage(bar, f"init k-means {it + 1}/{KMEANS_ITERS}")
+            acc = (jnp.zeros((self.k, self.d), jnp.float32), jnp.zeros((self.k,), jnp.float32))
+            for c in stream_chunks(self.plan):
+                acc = jax.block_until_ready(
+                    _kmeans_accumulate(c.X, centroids, jnp.int32(c.stop - c.start), acc, dtype=self.dtype))
+            sums, counts = acc
+            centroids = jnp.where(counts[:, None] > 0, sums / jnp.maximum(counts, 1.0)[:, None], centroids)
+        return centroids
+
+    def _svd_directions(self, key, bar) -> tuple[jax.Array, jax.Array]:
+        width = min(self.k + SVD_OVERSAMPLE, self.n, self.d)
+        V = jax.random.normal(key, (self.d, width), jnp.float32)
+        for it in range(SVD_POWER_ITERS + 1):
+            _stage(bar, f"init svd {it + 1}/{SVD_POWER_ITERS + 3}")
+            Z = jnp.zeros((self.d, width), jnp.float32)
+            for c in stream_chunks(self.plan):
+                Z = jax.block_until_ready(_gram_times(c.X, V, Z, dtype=self.dtype))
+            V, _ = jnp.linalg.qr(Z)
+        _stage(bar, f"init svd {SVD_POWER_ITERS + 2}/{SVD_POWER_ITERS + 3}")
+        H = jnp.zeros((width, width), jnp.float32)
+        for c in stream_chunks(self.plan):
+            H = jax.block_until_ready(_projected_gram(c.X, V, H, dtype=self.dtype))
+        _, W = jnp.linalg.eigh(H)  # ascending; the top k Ritz vectors are the last columns
+        V = V @ W[:, ::-1][:, : self.k]
+        _stage(bar, f"init svd {SVD_POWER_ITERS + 3}/{SVD_POWER_ITERS + 3}")
+        masses = jnp.zeros((4, self.k), jnp.float32)
+        for c in stream_chunks(self.plan):
+            masses = jax.block_until_ready(_sign_masses(c.X, V, masses, dtype=self.dtype))
+        pos_sq, neg_sq, pos_sum, neg_sum = masses
+        sign = jnp.where(pos_sq >= neg_sq, 1.0, -1.0)
+        mean_G = jnp.sum(jnp.where(sign > 0, pos_sum, neg_sum)) / (self.n * self.k)
+        floor = jnp.maximum(1e-3 * mean_G, CODES_FLOOR)
+        return V * sign[None, :], floor
+
+    def _initial_arrays(self):
+        F0, G0 = self.model.init
+        if tuple(np.shape(F0)) != (self.d, self.k):
+            raise ValueError(f"init F0 must have shape (d_mlp, rank) = {(self.d, self.k)}; got {np.shape(F0)}")
+        if tuple(np.shape(G0)) != (self.n, self.k):
+            raise ValueError(f"init G0 must have shape (n_tokens, rank) = {(self.n, self.k)}; got {np.shape(G0)}")
+        def read(start: int, stop: int) -> np.ndarray:
+            out = self._codes_buffers.take()
+            out[: stop - start] = np.asarray(G0[start:stop], np.float32)
+            out[stop - start:] = 0
+            if not np.isfinite(out).all() or (out < 0).any():
+                raise ValueError(f"init G0 must be finite and non-negative (the codes of SNMF are >= 0); "
+                                 f"rows [{start}, {stop}) are not")
+            return out
+
+        return read
+
+    def initialize(self, current, bar) -> tuple[Statistics, float]:
+        """Draw ``G0`` chunk by chunk into ``current``; return its statistics and ``‖X‖²`` (one pass)."""
+        make_codes = self._initial_codes_function(bar)
+        _stage(bar, "init codes")
+        acc = (_zero_statistics(self.d, self.k), jnp.zeros((), jnp.float32))
+        finite = []
+        reader = self._initial_arrays() if make_codes is None else None
+        for c in stream_chunks(self.plan, reader):
+            G = c.G if make_codes is None else make_codes(c)
+            acc, ok = _initial_statistics(c.X, G, acc, dtype=self.dtype)
+            finite.append(ok)
+            jax.block_until_ready((acc, ok))  # done with this chunk of X: bounds the chunks in flight
+            _write_back(current, c.start, c.stop, G)
+        bad = [i for i, ok in enumerate(finite) if not bool(ok)]
+        if bad:
+            raise ValueError(_first_non_finite(self.plan, bad[0]))
+        stats, sq_norm_X = acc
+        sq_norm_X = float(sq_norm_X)
+        if sq_norm_X == 0.0:
+            raise ValueError("X is all zeros: there is nothing to factorize")
+        return stats, sq_norm_X
+
+    # -- the fit
+
+    def run(self, bar) -> FitResult:
+        model, k = self.model, self.k
+        tol, patience, max_iter = np.float32(model.tol), int(model.patience), int(model.max_iter)
+        current, following, best = self._buffer("codes_current"), self._buffer("codes_next"), self._buffer("codes_best")
+        try:
+            restored = self.checkpointer.restore_latest() if self.checkpointer is not None else None
+            book = Book()
+            if restored is None:
+                stats, sq_norm_X = self.initialize(current, bar)
+                history: list[float] = []
+                best_F = np.zeros((self.d, k), np.float32)
+                best_is_current = False
+            else:
+                _stage(bar, "restoring")
+                _fill(current, restored.G)
+                if restored.best_G is not None:
+                    _fill(best, restored.best_G)
+                best_is_current = restored.best_G is None
+                stats = Statistics(*(jnp.asarray(a) for a in (restored.XtG, restored.GtG, restored.PG)))
+                sq_norm_X = restored.sq_norm_X
+                history = [np.float32(x) for x in restored.loss_history]
+                best_F = restored.best_F
+                book = Book(np.float32(restored.best_loss), np.float32(restored.reference_loss),
+                            restored.since_improvement, restored.iteration)
+                if bar is not None:
+                    bar.update(restored.iteration)
+            sq32 = np.float32(sq_norm_X)
+            sq_device = jnp.float32(sq_norm_X)
+            last_loss = history[-1] if history else np.float32(np.inf)
+            done = bool(history) and book.done(last_loss, patience=patience, max_iter=max_iter)
+            while not done:
+                started = time.perf_counter()
+                F, scale, Q = _features(stats.XtG, stats.GtG, config=self.config)
+                acc = _zero_statistics(self.d, k)
+                reader = self._read_codes(current, copy_to=best if best_is_current else None)
+                for c in stream_chunks(self.plan, reader):
+                    G, acc = _codes_chunk(c.X, c.G, F, Q, scale, acc, config=self.config, dtype=self.dtype)
+                    jax.block_until_ready(acc)  # done with this chunk of X (see stream_chunks)
+                    _write_back(following, c.start, c.stop, G)
+                loss = np.float32(_loss(sq_device, acc, Q))
+                self.tokens_per_second = self.n / (time.perf_counter() - started)
+                history.append(loss)
+                better = book.advance(loss, tol=tol, sq_norm_X=sq32)
+                if better:
+                    best_F = np.array(F)
+                # The best codes were copied during this pass if they were the previous iterate.
+                best_is_current = better
+                current, following, stats = following, current, acc
+                done = book.done(loss, patience=patience, max_iter=max_iter)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(rel_err=f"{math.sqrt(max(float(loss), 0.0) / sq_norm_X):.4f}",
+                                    tok_s=f"{self.tokens_per_second:.3g}")
+                if self.checkpointer is not None and (done or self.checkpointer.due(book.iteration)):
+                    self.checkpointer.save(self._progress(current, best, best_is_current, stats, best_F, book,
+                                                          sq_norm_X, history))
+            codes = self._finish(current, following, best, best_is_current)
+        finally:
+            for buffer in (current, following, best):
+                buffer.close()
+        return FitResult(features=np.asarray(best_F), codes=codes, loss_history=np.asarray(history, np.float32),
+                         n_iter=book.iteration, best_loss=float(book.best_loss), sq_norm_X=sq_norm_X)
+
+    def _progress(self, current, best, best_is_current, stats, best_F, book, sq_norm_X, history):
+        from jsnmf.checkpoint import FitProgress
+
+        return FitProgress(
+            G=current.full(), best_G=None if best_is_current else best.full(),
+            XtG=np.asarray(stats.XtG), GtG=np.asarray(stats.GtG), PG=np.asarray(stats.PG),
+            best_F=np.asarray(best_F), best_loss=float(book.best_loss), reference_loss=float(book.reference_loss),
+            since_improvement=book.since_improvement, iteration=book.iteration, sq_norm_X=sq_norm_X,
+            loss_history=np.asarray(history, np.float32))
+
+    def _finish(self, current, following, best, best_is_current) -> np.ndarray:
+        """The best codes: in memory an array, on disk ``codes.npy`` in the work directory (memory-mapped)."""
+        winner = current if best_is_current else best
+        if self.work_dir is None:
+            return winner.result()
+        for buffer in (current, following, best):
+            buffer.close()
+        final = self.work_dir / "codes.npy"
+        os.replace(winner.path, final)
+        for buffer in (current, following, best):
+            if buffer is not winner and buffer.path.exists():
+                buffer.path.unlink()
+        return np.load(final, mmap_mode="r")
+
+
+def _write_back(buffer, start: int, stop: int, G: jax.Array) -> None:
+    buffer.write(start, np.asarray(G)[: stop - start])
+
+
+def _stage(bar, text: str | None) -> None:
+    if bar is not None and text is not None:
+        bar.set_postfix_str(text)
+
+
+def codes_directory(codes_on_disk) -> Path | None:
+    """Where on-disk codes go: ``codes_on_disk`` if a path, a new temporary directory if True, else None.
+
+    The directory is the caller's: the result stays there as ``codes.npy`` (``codes_`` maps it).
+    """
+    if codes_on_disk is False or codes_on_disk is None:
+        return None
+    if codes_on_disk is True:
+        return Path(tempfile.mkdtemp(prefix="jsnmf-codes-"))
+    path = Path(codes_on_disk).expanduser().absolute()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"codes_on_disk {path} exists and is not a directory")
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -1,0 +1,174 @@
+"""Run by tests/test_sharded.py and tests/test_multihost.py in a fresh process with several devices.
+
+    python sharded_worker.py sharded   IN.npz OUT.npz   # 8 simulated CPU devices, meshes of 4 and 8
+    python sharded_worker.py multihost IN.npz OUT.npz PORT PROCESS_ID   # one of 2 processes, 2 devices each
+
+``IN.npz`` holds ``X`` (and ``X_new``); the results go to ``OUT.npz`` (NumPy arrays only, no pickle).
+The device count comes from ``XLA_FLAGS=--xla_force_host_platform_device_count=N``, set by the caller.
+"""
+
+import sys
+
+import numpy as np
+
+CASES = [("mu", None), ("mu", 0.2), ("hals", None), ("hals", 0.2)]
+SETTINGS = dict(max_iter=15, patience=1000, tol=0.0, progress=False)
+RANK = 5
+
+
+def case_name(solver, sparsity):
+    return f"{solver}_{'dense' if sparsity is None else 'sparse'}"
+
+
+def run_sharded(data, out):
+    import jax
+    from jax.sharding import Mesh
+
+    import jsnmf
+    from jsnmf.batch import fit_layers
+
+    X, X_new = data["X"], data["X_new"]
+    devices = np.array(jax.devices())
+    assert devices.size == 8, devices
+    results = {"device_count": np.array(devices.size)}
+    meshes = {
+        "4": Mesh(devices[:4], ("data",)),
+        "8": None,  # the default: every device
+        "4x2": Mesh(devices.reshape(4, 2), ("data", "model")),  # rows over 4, replicated over 'model'
+    }
+    for mesh_name, mesh in meshes.items():
+        cases = CASES if mesh_name != "4x2" else [("hals", 0.2)]
+        for solver, sparsity in cases:
+            model = jsnmf.SNMF(RANK, solver=solver, sparsity=sparsity, mesh=mesh, **SETTINGS).fit(X)
+            key = f"{mesh_name}_{case_name(solver, sparsity)}"
+            results[f"{key}_features"] = model.features_
+            results[f"{key}_codes"] = model.codes_
+            results[f"{key}_loss"] = model.loss_history_
+            if solver == "hals" and sparsity == 0.2:
+                results[f"{key}_transform"] = model.transform(X_new)
+                results[f"{key}_score"] = np.array(model.score(X_new))
+    # svd start and an explicit start, on 8 devices.
+    model = jsnmf.SNMF(RANK, solver="hals", sparsity=0.2, init="svd", **SETTINGS).fit(X[:296])
+    results["svd_features"], results["svd_loss"] = model.features_, model.loss_history_
+    rng = np.random.default_rng(5)
+    G0 = rng.random((X.shape[0], RANK)).astype(np.float32)
+    F0 = rng.normal(size=(X.shape[1], RANK)).astype(np.float32)
+    model = jsnmf.SNMF(RANK, solver="mu", sparsity=0.2, init=(F0, G0), **SETTINGS).fit(X)
+    results["pair_features"], results["pair_loss"] = model.features_, model.loss_history_
+    # Several layers at once, sharded over 8 devices.
+    layers = fit_layers({"a": X, "b": X[:, ::-1] * 2.0}, RANK, solver="mu", sparsity=0.2, **SETTINGS)
+    for name, layer_model in layers.items():
+        results[f"layers_{name}_features"] = layer_model.features_
+        results[f"layers_{name}_codes"] = layer_model.codes_
+        results[f"layers_{name}_loss"] = layer_model.loss_history_
+    # A mesh without a 'data' axis is refused.
+    try:
+        jsnmf.SNMF(RANK, mesh=Mesh(devices, ("model",)))
+        results["bad_mesh_error"] = np.array("")
+    except ValueError as err:
+        results["bad_mesh_error"] = np.array(str(err))
+    np.savez(out, **results)
+
+
+def run_multihost(data, out, port, process_id):
+    import jax
+
+    from jsnmf import distributed
+
+    distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=process_id,
+                           cpu_collectives="gloo")
+    import jsnmf
+
+    X, X_new = data["X"], data["X_new"]
+    # Uneven shares: process 0 gets rows [0, cut), process 1 the rest; neither a multiple of 2.
+    cut = int(data["cut"])
+    mine = X[:cut] if process_id == 0 else X[cut:]
+    new_cut = X_new.shape[0] // 2
+    new_mine = X_new[:new_cut] if process_id == 0 else X_new[new_cut:]
+    assert jax.process_count() == 2 and jax.device_count() == 4 and jax.local_device_count() == 2
+    results = {}
+    for solver, sparsity in [("mu", 0.2), ("hals", None)]:
+        model = jsnmf.SNMF(RANK, solver=solver, sparsity=sparsity, **SETTINGS).fit(mine)
+        key = case_name(solver, sparsity)
+        results[f"{key}_features"] = model.features_
+        results[f"{key}_codes"] = model.codes_
+        results[f"{key}_all_codes"] = distributed.gather_rows(model.codes_)
+        results[f"{key}_loss"] = model.loss_history_
+        results[f"{key}_transform"] = model.transform(new_mine)
+        results[f"{key}_score"] = np.array(model.score(new_mine))
+    np.savez(out, **results)
+
+
+def main():
+    mode, path_in, path_out = sys.argv[1:4]
+    with np.load(path_in) as data:
+        data = dict(data)
+    if mode == "sharded":
+        run_sharded(data, path_out)
+    elif mode == "multihost":
+        run_multihost(data, path_out, int(sys.argv[4]), int(sys.argv[5]))
+    else:
+        raise SystemExit(f"unknown mode {mode!r}")
+
+
+if __name__ == "__main__":
+    main()
+
+
+# -- launching workers from the tests ---------------------------------------------------------------
+
+WORKER = __file__
+
+
+def problem():
+    """The planted problem the sharded tests fit: n = 301 rows (not a multiple of 2, 4 or 8)."""
+    from snmf_reference import planted_problem
+
+    X, _, _ = planted_problem(n=301, d=60, k=RANK, seed=1)
+    X_new, _, _ = planted_problem(n=37, d=60, k=RANK, seed=2)
+    return X, X_new
+
+
+def start_worker(args, n_devices, log_path):
+    """Start ``python sharded_worker.py ARGS`` with ``n_devices`` simulated CPU devices."""
+    import os
+    import subprocess
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={n_devices}")
+    log = open(log_path, "w")
+    try:
+        return subprocess.Popen([sys.executable, WORKER, *map(str, args)], env=env, stdout=log,
+                                stderr=subprocess.STDOUT)
+    finally:
+        log.close()  # the child holds its own descriptor
+
+
+def finish_workers(processes, log_paths, timeout):
+    """Wait for every worker (``timeout`` seconds in all); kill them all and fail on any error."""
+    import subprocess
+    import time
+
+    deadline = time.monotonic() + timeout
+    try:
+        for process in processes:
+            process.wait(timeout=max(deadline - time.monotonic(), 1))
+    except subprocess.TimeoutExpired:
+        kill_workers(processes)
+        raise AssertionError(f"workers still running after {timeout} s:\n{_logs(log_paths)}")
+    failed = [p.returncode for p in processes if p.returncode != 0]
+    if failed:
+        kill_workers(processes)
+        raise AssertionError(f"worker(s) failed with exit codes {failed}:\n{_logs(log_paths)}")
+
+
+def kill_workers(processes):
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def _logs(log_paths):
+    from pathlib import Path
+
+    return "\n".join(f"--- {path}\n{Path(path).read_text()[-4000:]}" for path in log_paths)

@@ -1,0 +1,70 @@
+"""Two processes on localhost (``jax.distributed``, gloo CPU collectives, 2 devices each), each
+feeding only its share of the tokens, fit the same factors as one process with all the tokens."""
+
+import socket
+
+import numpy as np
+import pytest
+
+from jsnmf import SNMF
+
+import sharded_worker as worker
+from sharded_worker import RANK, SETTINGS, case_name
+
+CUT = 151  # process 0 holds rows [0, 151), process 1 rows [151, 301): neither a multiple of 2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def relative(a, b):
+    return float(np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b))
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("multihost")
+    X, X_new = worker.problem()
+    np.savez(folder / "in.npz", X=X, X_new=X_new, cut=np.array(CUT))
+    port = free_port()
+    logs = [folder / f"process{i}.log" for i in range(2)]
+    processes = [worker.start_worker(["multihost", folder / "in.npz", folder / f"out{i}.npz", port, i], 2, logs[i])
+                 for i in range(2)]
+    try:
+        references = {case_name(solver, sparsity): SNMF(RANK, solver=solver, sparsity=sparsity, **SETTINGS).fit(X)
+                      for solver, sparsity in [("mu", 0.2), ("hals", None)]}
+        worker.finish_workers(processes, logs, timeout=300)
+    finally:
+        worker.kill_workers(processes)
+    results = []
+    for i in range(2):
+        with np.load(folder / f"out{i}.npz") as out:
+            results.append(dict(out))
+    return X, X_new, references, results
+
+
+@pytest.mark.parametrize("case", ["mu_sparse", "hals_dense"])
+def test_two_processes_fit_like_one(two_processes, case):
+    X, X_new, references, (first, second) = two_processes
+    reference = references[case]
+    # features_ and the losses are the same on both processes, and equal the one-process fit.
+    np.testing.assert_array_equal(first[f"{case}_features"], second[f"{case}_features"])
+    np.testing.assert_array_equal(first[f"{case}_loss"], second[f"{case}_loss"])
+    assert relative(first[f"{case}_features"], reference.features_) < 1e-5
+    assert relative(first[f"{case}_loss"], reference.loss_history_) < 1e-5
+    sq = float(np.sum(X.astype(np.float64) ** 2))
+    np.testing.assert_allclose(first[f"{case}_loss"], reference.loss_history_, rtol=0, atol=2e-6 * sq)
+    # codes_ holds each process's own rows; together they are the one-process codes.
+    assert first[f"{case}_codes"].shape == (CUT, RANK) and second[f"{case}_codes"].shape == (301 - CUT, RANK)
+    codes = np.concatenate([first[f"{case}_codes"], second[f"{case}_codes"]])
+    assert relative(codes, reference.codes_) < 1e-5
+    for result in (first, second):  # gather_rows assembles them on every process
+        np.testing.assert_array_equal(result[f"{case}_all_codes"], codes)
+    # transform gives each process the codes of its rows; score is global and agreed.
+    transformed = np.concatenate([first[f"{case}_transform"], second[f"{case}_transform"]])
+    assert relative(transformed, reference.transform(X_new)) < 1e-5
+    assert float(first[f"{case}_score"]) == float(second[f"{case}_score"])
+    assert float(first[f"{case}_score"]) == pytest.approx(reference.score(X_new), abs=1e-5)
