@@ -88,8 +88,8 @@ def _fit_batch_in_memory(models: dict, layers: Mapping) -> None:
     block_size = min(50, int(template.max_iter))
     step = batched_block_runner(template._solver_config(d), block_size)
     limits = _limits(template)
-    state, history = _drive_blocks(lambda s: step(X, sq_norm_X, s, *limits), state, int(template.max_iter),
-                                   template.progress, sq_norms)
+    state, history = _drive_blocks(lambda s, stop_at: step(X, sq_norm_X, s, *limits, stop_at), state,
+                                   int(template.max_iter), template.progress, sq_norms)
     best_F, best_G = np.asarray(state.best_F), np.asarray(state.best_G)
     iterations, best_loss = np.asarray(state.iteration), np.asarray(state.best_loss)
     for i, name in enumerate(names):
@@ -121,8 +121,8 @@ def _fit_batch_sharded(models: dict, layers: Mapping, mesh) -> None:
     block_size = min(50, int(template.max_iter))
     step = block_runner(mesh, template._solver_config(d), block_size, batched=True)
     limits = _limits(template)
-    state, history = _drive_blocks(lambda s: step(X, sq_norm_X, s, *limits), state, int(template.max_iter),
-                                   template.progress, sq_norms)
+    state, history = _drive_blocks(lambda s, stop_at: step(X, sq_norm_X, s, *limits, stop_at), state,
+                                   int(template.max_iter), template.progress, sq_norms)
     best_F = replicated_value(state.best_F)
     best_G = layout.local_part(state.best_G, row_axis=1)
     iterations, best_loss = replicated_value(state.iteration), replicated_value(state.best_loss)

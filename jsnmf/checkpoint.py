@@ -26,33 +26,36 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from jsnmf import __version__
+from jsnmf.files import atomic_write_json
 
 FORMAT = "jsnmf.fit_checkpoint"
 FORMAT_VERSION = 1
 PROBLEM_FILE = "problem.json"
-ITEMS = ("state", "problem")
 # Settings and data that define the iterates: a checkpoint of another problem is refused.
 IDENTITY = ("rank", "solver", "sparsity", "ridge", "hals_sweeps", "init", "seed", "dtype",
             "n_tokens", "d_mlp", "fingerprint")
 FINGERPRINT_ROWS = 64  # rows of X hashed, evenly spaced from the first to the last
 
 
-def data_fingerprint(read_rows: Callable[[int, int], np.ndarray], n: int, d: int) -> str:
-    """sha256 of the shape of ``X`` and of 64 of its rows (evenly spaced, first and last included) as float32.
+def fingerprint_rows(n: int) -> np.ndarray:
+    """The rows of ``X`` that :func:`data_fingerprint` reads."""
+    return np.unique(np.linspace(0, n - 1, min(n, FINGERPRINT_ROWS)).round().astype(np.int64))
 
-    ``read_rows(start, stop)`` returns ``X[start:stop]``. A sample, not a checksum of every value:
-    cheap on a store larger than memory, and the same for a store and for its layer loaded into
-    memory, so both paths can share a checkpoint.
+
+def data_fingerprint(rows: np.ndarray, n: int, d: int) -> str:
+    """sha256 of the shape of ``X`` and of its rows :func:`fingerprint_rows` (``rows``, as float32).
+
+    A sample, not a checksum of every value: cheap on a store larger than memory, and the same
+    for a store, for its layer loaded into memory, and for any split of the rows over processes,
+    so all these fits can share a checkpoint.
     """
     digest = hashlib.sha256(f"{n}x{d}".encode())
-    for row in np.unique(np.linspace(0, n - 1, min(n, FINGERPRINT_ROWS)).round().astype(np.int64)):
-        values = np.ascontiguousarray(np.asarray(read_rows(int(row), int(row) + 1), dtype="<f4"))
-        digest.update(values.tobytes())
+    digest.update(np.ascontiguousarray(np.asarray(rows, dtype="<f4")).tobytes())
     return digest.hexdigest()
 
 
@@ -75,13 +78,17 @@ def problem_manifest(params: dict[str, Any], n: int, d: int, fingerprint: str, s
 
 @dataclass
 class FitProgress:
-    """Host copy of a fit's state at the end of an iteration (the content of a checkpoint).
+    """A fit's state at the end of an iteration (the content of a checkpoint).
 
     ``best_G`` is None when the latest iterate is the best one (``G`` then is the best codes).
+    The codes of a sharded fit are the global row-sharded arrays, saved as they are (each process
+    writes its own rows): ``row_blocks`` then gives, for each process in order, its real rows and
+    the rows it holds with padding, so that a restore can drop the padding. Restored (and in
+    unsharded fits) ``G`` and ``best_G`` are host arrays of the ``n`` real rows in token order.
     """
 
-    G: np.ndarray  # (n, k) codes of the latest iterate
-    best_G: np.ndarray | None  # (n, k) codes of the best iterate, None = same as G
+    G: Any  # (n, k) codes of the latest iterate; or the padded global array of a sharded fit
+    best_G: Any | None  # codes of the best iterate (same layout), None = same as G
     XtG: np.ndarray  # (d, k) statistics of G
     GtG: np.ndarray  # (k, k)
     PG: np.ndarray  # ()
@@ -92,15 +99,18 @@ class FitProgress:
     iteration: int
     sq_norm_X: float
     loss_history: np.ndarray  # (iteration,)
+    row_blocks: np.ndarray | None = None  # (processes, 2): real rows, rows held; None = no padding
 
-    def to_tree(self) -> dict[str, np.ndarray]:
+    def to_tree(self) -> dict[str, Any]:
         best_is_current = self.best_G is None
         k = self.G.shape[1]
+        row_blocks = self.row_blocks if self.row_blocks is not None else [[self.G.shape[0]] * 2]
         return {
             "G": self.G,
             # orbax needs an array here; a 1×k stand-in when the best codes are G itself.
             "best_G": np.zeros((1, k), np.float32) if best_is_current else self.best_G,
             "best_is_current": np.asarray(best_is_current),
+            "row_blocks": np.asarray(row_blocks, np.int64),
             "XtG": np.asarray(self.XtG, np.float32),
             "GtG": np.asarray(self.GtG, np.float32),
             "PG": np.asarray(self.PG, np.float32),
@@ -115,40 +125,62 @@ class FitProgress:
         }
 
     @classmethod
-    def from_fit_state(cls, state, loss_history: np.ndarray, sq_norm_X: float) -> "FitProgress":
-        """From the in-memory loop's ``kernels.fit.FitState`` (device arrays; orbax copies them on save)."""
-        return cls(
-            G=np.asarray(state.G), best_G=np.asarray(state.best_G),
-            XtG=np.asarray(state.stats.XtG), GtG=np.asarray(state.stats.GtG), PG=np.asarray(state.stats.PG),
-            best_F=np.asarray(state.best_F), best_loss=float(state.best_loss),
-            reference_loss=float(state.reference_loss), since_improvement=int(state.since_improvement),
-            iteration=int(state.iteration), sq_norm_X=sq_norm_X, loss_history=np.asarray(loss_history, np.float32))
+    def from_fit_state(cls, state, loss_history: np.ndarray, sq_norm_X: float, layout=None) -> "FitProgress":
+        """From the compiled loop's ``kernels.fit.FitState``.
 
-    def to_fit_state(self, *, patience: int, max_iter: int):
-        """The in-memory loop's ``FitState``; ``done`` is re-evaluated (a larger ``max_iter`` continues a fit)."""
+        ``layout``: the :class:`~jsnmf.distributed.RowLayout` of a sharded fit, whose codes are kept
+        as global arrays (orbax copies each process's rows to its host before ``save`` returns).
+        """
+        from jsnmf.distributed import replicated_value
+
+        value = replicated_value
+        if layout is None:
+            G, best_G, blocks = np.asarray(state.G), np.asarray(state.best_G), None
+        else:
+            G, best_G, blocks = state.G, state.best_G, row_blocks(layout)
+        return cls(
+            G=G, best_G=best_G, XtG=value(state.stats.XtG), GtG=value(state.stats.GtG), PG=value(state.stats.PG),
+            best_F=value(state.best_F), best_loss=float(value(state.best_loss)),
+            reference_loss=float(value(state.reference_loss)), since_improvement=int(value(state.since_improvement)),
+            iteration=int(value(state.iteration)), sq_norm_X=sq_norm_X,
+            loss_history=np.asarray(loss_history, np.float32), row_blocks=blocks)
+
+    def is_done(self, *, patience: int, max_iter: int) -> bool:
+        """Whether the stopping rule holds (re-evaluated: a larger ``max_iter`` continues a fit)."""
+        last = self.loss_history[-1] if len(self.loss_history) else np.float32(np.inf)
+        return bool(self.since_improvement >= patience or self.iteration >= max_iter
+                    or (len(self.loss_history) > 0 and not np.isfinite(last)))
+
+    def to_fit_state(self, *, patience: int, max_iter: int, G=None, best_G=None, place=None):
+        """The compiled loop's ``FitState``.
+
+        ``G``, ``best_G``: the codes to use instead of the restored ones (a sharded fit passes its
+        own global arrays); ``place``: puts the other (replicated) arrays where the loop wants them.
+        """
         import jax.numpy as jnp
 
         from jsnmf.kernels.fit import FitState
         from jsnmf.kernels.steps import Statistics
 
-        last = self.loss_history[-1] if len(self.loss_history) else np.float32(np.inf)
-        done = (self.since_improvement >= patience or self.iteration >= max_iter
-                or (len(self.loss_history) > 0 and not np.isfinite(last)))
-        best_G = self.G if self.best_G is None else self.best_G
+        place = place or jnp.array
+        G = jnp.array(self.G) if G is None else G
+        if best_G is None:
+            best_G = jnp.array(self.G if self.best_G is None else self.best_G)
         return FitState(
-            F=jnp.array(self.best_F), G=jnp.array(self.G),
-            stats=Statistics(jnp.array(self.XtG), jnp.array(self.GtG), jnp.array(self.PG, jnp.float32)),
-            best_F=jnp.array(self.best_F), best_G=jnp.array(best_G),
-            best_loss=jnp.array(self.best_loss, jnp.float32), reference_loss=jnp.array(self.reference_loss, jnp.float32),
-            since_improvement=jnp.array(self.since_improvement, jnp.int32),
-            iteration=jnp.array(self.iteration, jnp.int32), done=jnp.array(done))
+            F=place(self.best_F), G=G,
+            stats=Statistics(place(self.XtG), place(self.GtG), place(np.asarray(self.PG, np.float32))),
+            best_F=place(self.best_F), best_G=best_G,
+            best_loss=place(np.float32(self.best_loss)), reference_loss=place(np.float32(self.reference_loss)),
+            since_improvement=place(np.int32(self.since_improvement)), iteration=place(np.int32(self.iteration)),
+            done=place(np.asarray(self.is_done(patience=patience, max_iter=max_iter))))
 
     @classmethod
     def from_tree(cls, tree: dict[str, Any]) -> "FitProgress":
         best_is_current = bool(np.asarray(tree["best_is_current"]))
+        row_blocks = np.asarray(tree["row_blocks"]) if "row_blocks" in tree else None
         return cls(
-            G=np.asarray(tree["G"]),
-            best_G=None if best_is_current else np.asarray(tree["best_G"]),
+            G=_real_rows(np.asarray(tree["G"]), row_blocks),
+            best_G=None if best_is_current else _real_rows(np.asarray(tree["best_G"]), row_blocks),
             XtG=np.asarray(tree["XtG"]),
             GtG=np.asarray(tree["GtG"]),
             PG=np.asarray(tree["PG"]),
@@ -162,18 +194,33 @@ class FitProgress:
         )
 
 
-def _atomic_write_json(path: Path, value: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(json.dumps(value, indent=1) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def row_blocks(layout) -> np.ndarray:
+    """``FitProgress.row_blocks`` of a :class:`~jsnmf.distributed.RowLayout`: each process's real and held rows."""
+    return np.array([[rows, len(positions) * layout.shard_rows]
+                     for rows, positions in zip(layout.rows_per_process, layout.positions)])
+
+
+def _real_rows(G: np.ndarray, row_blocks: np.ndarray | None) -> np.ndarray:
+    """The real rows of codes saved in a sharded layout (each process's rows, then its padding)."""
+    if row_blocks is None or len(row_blocks) == 0:
+        return G
+    if int(np.sum(row_blocks[:, 1])) != G.shape[0]:
+        raise ValueError(f"codes of {G.shape[0]} rows do not match the recorded layout {row_blocks.tolist()}")
+    starts = np.concatenate([[0], np.cumsum(row_blocks[:, 1])[:-1]])
+    if all(int(rows) == int(held) for rows, held in row_blocks):
+        return G
+    return np.concatenate([G[start:start + rows] for start, (rows, _) in zip(starts, row_blocks)])
 
 
 def _differences(saved: dict, current: dict) -> list[str]:
     return [f"{name} {saved.get(name)!r} (checkpoint) vs {current.get(name)!r} (this fit)"
             for name in IDENTITY if saved.get(name) != current.get(name)]
+
+
+def host_restore_target(metadata) -> dict[str, np.ndarray]:
+    """A restore target of host arrays shaped like the saved arrays' metadata."""
+    # np.empty: only the shapes and dtypes matter; untouched pages cost no memory.
+    return {name: np.empty(tuple(leaf.shape), np.dtype(leaf.dtype)) for name, leaf in dict(metadata).items()}
 
 
 class FitCheckpointer:
@@ -199,7 +246,8 @@ class FitCheckpointer:
             enable_async_checkpointing=True,
         )
         self._ocp = ocp
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers={
+            "state": ocp.StandardCheckpointHandler(), "problem": ocp.JsonCheckpointHandler()})
         steps = self.manager.all_steps()
         problem_path = self.directory / PROBLEM_FILE
         try:
@@ -216,7 +264,7 @@ class FitCheckpointer:
         except BaseException:
             self.manager.close()
             raise
-        _atomic_write_json(problem_path, problem)
+        atomic_write_json(problem_path, problem, private=True)
         self._saved: set[int] = set(steps)
 
     def _check_identity(self, saved: dict, where: Path | str) -> None:
@@ -236,8 +284,12 @@ class FitCheckpointer:
         if step is None:
             return None
         ocp = self._ocp
+        # Restore every array to host memory whatever devices wrote it, so that a fit resumes on
+        # another mesh (or none); each process reads the whole codes and keeps its own rows.
+        saved = self.manager.item_metadata(step).state
+        target = host_restore_target(saved)
         restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(), problem=ocp.args.JsonRestore()))
+            state=ocp.args.StandardRestore(target), problem=ocp.args.JsonRestore()))
         self._check_identity(dict(restored.problem), self.directory / str(step))
         progress = FitProgress.from_tree(dict(restored.state))
         n, k, d = self.problem["n_tokens"], self.problem["rank"], self.problem["d_mlp"]

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import os
 import re
 import sys
 import time
 from pathlib import Path
 from typing import Sequence
+
+from jsnmf.files import atomic_write_json
 
 __all__ = ["main", "build_parser"]
 
@@ -104,6 +104,8 @@ def _add_fit_options(p: argparse.ArgumentParser, rank_help: str) -> None:
                    help="an improvement of the loss counts when larger than tol·‖X‖² (1e-6)")
     p.add_argument("--patience", type=positive_int, default=None,
                    help="stop after this many iterations without one (100)")
+    p.add_argument("--checkpoint-every", type=positive_int, default=None,
+                   help="checkpoint a running fit every this many iterations (50)")
 
 
 def _add_report_options(p: argparse.ArgumentParser) -> None:
@@ -133,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", required=True, help="activation store directory (RUN/store)")
     p.add_argument("--layers", type=layer_list, default=None, help="layers to fit (all in the store)")
     _add_fit_options(p, rank_help=" (required)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue interrupted fits from their checkpoints; keep layers already fitted")
 
     p = sub.add_parser("report", parents=[quiet], help="write the HTML report of a run")
     where = p.add_mutually_exclusive_group(required=True)
@@ -173,15 +177,35 @@ def step_extract(model: str, corpus: str, run_dir: Path, layers: list[int], args
 def fit_settings(args, defaults: dict | None = None) -> dict:
     """SNMF keyword arguments from the options the user set (the estimator's defaults otherwise)."""
     settings = dict(defaults or {})
-    for name in ("solver", "sparsity", "max_iter", "init", "seed", "tol", "patience"):
+    for name in ("solver", "sparsity", "max_iter", "init", "seed", "tol", "patience", "checkpoint_every"):
         value = getattr(args, name, None)
         if value is not None:
             settings[name] = value
     return settings
 
 
-def step_fit(store, layers: list[int] | None, rank: int, settings: dict, snmf_dir: Path, progress: bool) -> dict:
-    """Fit one SNMF per layer, save each to ``snmf_dir/layer_{L:02d}``; return ``{layer: SNMF}``."""
+def _finished_fit(path: Path, rank: int, settings: dict):
+    """The SNMF saved at ``path`` when it was fitted with ``rank`` and ``settings``; else None."""
+    from jsnmf.estimator import MANIFEST, SNMF
+
+    if not (path / MANIFEST).is_file():
+        return None
+    model = SNMF.load(path)
+    wanted = dict(settings, rank=rank)
+    same = all(model.get_params().get(name) == value for name, value in wanted.items())
+    return model if same else None
+
+
+def step_fit(store, layers: list[int] | None, rank: int, settings: dict, snmf_dir: Path, progress: bool,
+             resume: bool = False) -> dict:
+    """Fit one SNMF per layer, save each to ``snmf_dir/layer_{L:02d}``; return ``{layer: SNMF}``.
+
+    While a layer fits, its state is checkpointed every ``checkpoint_every`` iterations into
+    ``snmf_dir/layer_{L:02d}.fitting`` (removed once the layer is saved). ``resume``: continue the
+    interrupted fits from their checkpoints and keep the layers already saved with these settings.
+    """
+    import shutil
+
     from jsnmf.estimator import SNMF
     from jsnmf.report import layer_dir_name
 
@@ -193,14 +217,28 @@ def step_fit(store, layers: list[int] | None, rank: int, settings: dict, snmf_di
         raise UserError(f"rank {rank} exceeds min(n_tokens, d_mlp) = {min(store.n_tokens, store.d_mlp)} of the store")
     fitted = {}
     for layer in layers:
+        saved_path = snmf_dir / layer_dir_name(layer)
+        checkpoint_dir = snmf_dir / f"{layer_dir_name(layer)}.fitting"
+        if resume and not checkpoint_dir.exists():
+            finished = _finished_fit(saved_path, rank, settings)
+            if finished is not None:
+                _say(f"layer {layer}: already fitted ({saved_path}); kept")
+                fitted[layer] = finished
+                continue
+        if not resume and checkpoint_dir.exists() and any(checkpoint_dir.iterdir()):
+            raise UserError(f"layer {layer} has an interrupted fit in {checkpoint_dir}: pass --resume to continue "
+                            "it, or delete that directory to start again")
         model = SNMF(rank, progress=progress, **settings)
-        _say(f"fitting layer {layer}: rank {rank}, {store.n_tokens:,} tokens × {store.d_mlp} neurons")
+        _say(f"fitting layer {layer}: rank {rank}, {store.n_tokens:,} tokens × {store.d_mlp} neurons"
+             + (" (resuming)" if resume and checkpoint_dir.exists() else ""))
         started = time.perf_counter()
         if store.n_tokens * store.d_mlp * 4 <= IN_MEMORY_LIMIT_BYTES:
-            model.fit(store.layer_array(layer))
+            X = store.layer_array(layer)
+            model.fit(X, checkpoint_dir=checkpoint_dir, resume=resume)
         else:  # streamed from disk, one pass over the chunks per iteration
-            model.fit(store, layer=layer)
-        path = model.save(snmf_dir / layer_dir_name(layer))
+            model.fit(store, layer=layer, checkpoint_dir=checkpoint_dir, resume=resume)
+        path = model.save(saved_path)
+        shutil.rmtree(checkpoint_dir)  # the saved factors are the result now
         _say(f"  layer {layer}: relative error {model.relative_error_:.4f} after {model.n_iter_} iterations "
              f"({time.perf_counter() - started:.1f} s) -> {path}")
         fitted[layer] = model
@@ -236,7 +274,7 @@ def cmd_fit(args) -> int:
         raise UserError("fit needs --rank (the number of features)")
     store = _open_store(args.store)
     snmf_dir = store.path.parent / "snmf"
-    step_fit(store, args.layers, args.rank, fit_settings(args), snmf_dir, not args.quiet)
+    step_fit(store, args.layers, args.rank, fit_settings(args), snmf_dir, not args.quiet, resume=args.resume)
     _say(f"checkpoints: {snmf_dir}")
     return 0
 
@@ -319,7 +357,7 @@ def run_demo(args) -> int:
     fitted = step_fit(store, layers, rank, settings, run_dir / "snmf", progress)
     index = step_report(run_dir, store.path, layers, args, progress)
     recovered, total, per_layer = _demo_recovery(model_dir, store, fitted)
-    _atomic_write_json(run_dir / "recovery.json", {"recovered": recovered, "total": total, "layers": per_layer})
+    atomic_write_json(run_dir / "recovery.json", {"recovered": recovered, "total": total, "layers": per_layer})
     _print_places(run_dir, store, layers, index)
     for layer, result in per_layer.items():
         missing = [name for name, c in result["concepts"].items() if not c["recovered"]]
@@ -341,12 +379,6 @@ def _demo_recovery(model_dir: Path, store, fitted: dict) -> tuple[int, int, dict
     recovered = sum(r["recovered"] for r in per_layer.values())
     total = sum(r["total"] for r in per_layer.values())
     return recovered, total, per_layer
-
-
-def _atomic_write_json(path: Path, value) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(value, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 _COMMANDS = {"extract": cmd_extract, "fit": cmd_fit, "report": cmd_report, "run": cmd_run}

@@ -22,11 +22,17 @@ a whole number of rows per device (zero rows keep zero codes and contribute noth
 gives the same result as a single-process fit of the concatenated ``X`` (up to the order of float
 sums), including the default random start, which is drawn by global row index.
 
-For an :class:`~jsnmf.store.ActivationStore` on a shared file system, :func:`process_rows`
-reads this process's contiguous share of the chunks::
+For an :class:`~jsnmf.store.ActivationStore` on a shared file system, pass the store itself: each
+process streams its contiguous share of the chunks (:func:`process_token_range`), one pass per
+iteration, each chunk split over the process's devices; or, when the shares fit in memory,
+:func:`process_rows` reads this process's share to fit in memory::
 
-    X_local = jsnmf.distributed.process_rows(store, layer)
-    model = jsnmf.SNMF(rank=256).fit(X_local)
+    model = jsnmf.SNMF(rank=256).fit(store, layer=12)                       # streamed, out of core
+    model = jsnmf.SNMF(rank=256).fit(jsnmf.distributed.process_rows(store, 12))   # in memory
+
+Checkpoints (``fit(..., checkpoint_dir=..., resume=True)``, the directory on the shared file
+system) hold the codes as a global array, each process writing its own rows; a resume reads them
+back on any mesh or number of processes (each process keeps its rows).
 
 ``fit``/``transform``/``score`` assemble the global ``X`` from the local rows on every call; to do
 it once, ``rows = jsnmf.distributed.global_rows(X_local, mesh)`` and pass ``rows`` instead of
@@ -86,7 +92,8 @@ from jsnmf.kernels.sharded import DATA, check_mesh
 
 __all__ = [
     "initialize", "default_mesh", "RowLayout", "ShardedRows", "global_rows", "process_rows",
-    "process_token_range", "gather_rows", "replicate", "replicated_value",
+    "process_token_range", "gather_rows", "replicate", "replicated_value", "sample_rows",
+    "sum_over_processes", "per_process",
 ]
 
 
@@ -220,13 +227,25 @@ class RowLayout:
         local = np.asarray(local)
         if local.shape[row_axis] != self.local_rows:
             raise ValueError(f"expected {self.local_rows} rows along axis {row_axis}; got shape {local.shape}")
-        pad = [(0, 0)] * local.ndim
-        pad[row_axis] = (0, self.local_block - self.local_rows)
-        padded = np.pad(local, pad)
+        padded = local
+        if self.local_block != self.local_rows:
+            pad = [(0, 0)] * local.ndim
+            pad[row_axis] = (0, self.local_block - self.local_rows)
+            padded = np.pad(local, pad)
         global_shape = list(local.shape)
         global_shape[row_axis] = self.n_padded
         return jax.make_array_from_process_local_data(self.sharding(local.ndim, row_axis), padded,
                                                       tuple(global_shape))
+
+    def padded_index(self, rows) -> np.ndarray:
+        """Positions in the padded global array of global rows ``rows`` (token order)."""
+        rows = np.asarray(rows, np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.n_rows):
+            raise ValueError(f"row index out of range [0, {self.n_rows})")
+        offsets = np.cumsum([0, *self.rows_per_process])
+        process = np.searchsorted(offsets, rows, side="right") - 1
+        block_starts = np.array([positions.start * self.shard_rows for positions in self.positions])
+        return block_starts[process] + rows - offsets[process]
 
     def valid(self) -> jax.Array:
         """Global (n_padded,) bool: True on real rows, False on padding."""
@@ -281,6 +300,33 @@ def global_rows(X_local, mesh: Mesh | None = None, dtype: Any = np.float32, name
     layout = RowLayout.build(mesh, facts[:, 0])
     X_local = np.asarray(X_local).astype(dtype, copy=False)
     return ShardedRows(layout.assemble(X_local), layout)
+
+
+def sample_rows(rows: ShardedRows, indices) -> np.ndarray:
+    """Global rows ``indices`` (token order) of a :class:`ShardedRows`, as float32 NumPy on every process.
+
+    A collective (every process must call it); it moves only the rows asked for.
+    """
+    index = replicate(rows.layout.padded_index(indices), rows.layout.mesh)
+    taken = jax.jit(lambda X, i: X[i].astype(np.float32), out_shardings=NamedSharding(rows.layout.mesh, P()))
+    return replicated_value(taken(rows.array, index))
+
+
+def sum_over_processes(value) -> np.ndarray:
+    """The sum of ``value`` (same shape everywhere) over all processes, on every process (a collective)."""
+    value = np.asarray(value)
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(value)).sum(axis=0).astype(value.dtype)
+
+
+def per_process(value: int) -> np.ndarray:
+    """Every process's ``value`` (an integer), in process-index order (a collective)."""
+    counts = np.zeros(jax.process_count(), np.int64)
+    counts[jax.process_index()] = value
+    return sum_over_processes(counts)
 
 
 def replicate(value, mesh: Mesh) -> jax.Array:

@@ -24,12 +24,12 @@ from jsnmf.blas import single_threaded_lapack
 from jsnmf.kernels.fit import SOLVERS, SolverConfig, initial_state, run_block, solve_codes
 from jsnmf.kernels.init import INITIALIZERS
 from jsnmf.kernels.steps import chunk_statistics, keep_count, matmul_f32
-from jsnmf.checkpoint import FitCheckpointer, FitProgress, data_fingerprint, problem_manifest
+from jsnmf.checkpoint import FitCheckpointer, FitProgress, data_fingerprint, fingerprint_rows, problem_manifest
 from jsnmf.streaming import StreamedFit, StreamPlan, codes_directory, make_plan
 from jsnmf.kernels.init import random_codes, random_keys
-from jsnmf.kernels.sharded import (block_runner, check_mesh, codes_solver, explained_variance, squared_norm,
+from jsnmf.kernels.sharded import (DATA, block_runner, check_mesh, codes_solver, explained_variance, squared_norm,
                                    state_initializer, zero_rows)
-from jsnmf.distributed import ShardedRows, default_mesh, global_rows, replicate, replicated_value
+from jsnmf.distributed import ShardedRows, default_mesh, global_rows, replicate, replicated_value, sample_rows
 
 CHECKPOINT_FORMAT = "jsnmf.SNMF"
 CHECKPOINT_VERSION = 1
@@ -91,7 +91,9 @@ class SNMF:
         same everywhere and ``codes_`` holds the process's own rows.
     chunk_tokens: rows per chunk of a streamed fit (:mod:`jsnmf.streaming`). ``fit`` streams an
         ``ActivationStore``, a ``np.memmap`` or any array when this is set; ``None`` keeps a store's
-        own chunks (65536 rows for a memmap).
+        own chunks (65536 rows for a memmap). A streamed fit on a mesh splits each chunk over its
+        devices; under several processes each streams its own share of a store's chunks (or its
+        own rows of an array) and ``codes_`` holds them.
     codes_on_disk: where a streamed fit keeps ``G``: ``False`` in memory; ``True`` in ``.npy`` files
         in a new temporary directory; a path: in that directory (``codes_`` is then a read-only
         memory map of ``codes.npy`` there).
@@ -236,15 +238,10 @@ class SNMF:
             raise ValueError("resume=True needs checkpoint_dir= (the directory the fit checkpoints into)")
         plan = make_plan(X, layer, self.chunk_tokens)
         if plan is not None:
-            if self.mesh is not None:
-                raise ValueError("a streamed fit (ActivationStore, memmap or chunk_tokens set) runs on one device; "
-                                 "mesh= applies to in-memory arrays")
-            return self._fit_streamed(plan, checkpoint_dir, resume)
+            return self._fit_streamed(plan, self._active_mesh(), checkpoint_dir, resume)
         mesh = self._active_mesh(X)
         if mesh is not None:
-            if checkpoint_dir is not None:
-                raise ValueError("checkpoint_dir= is not supported for sharded fits (mesh or several devices)")
-            return self._fit_sharded(X, mesh)
+            return self._fit_sharded(X, mesh, checkpoint_dir, resume)
         X = validate_matrix(X)
         n, d = X.shape
         if self.rank > min(n, d):
@@ -254,73 +251,63 @@ class SNMF:
         sq_norm_X = jnp.sum(jnp.square(X.astype(jnp.float32)))
         if float(sq_norm_X) == 0.0:
             raise ValueError("X is all zeros: there is nothing to factorize")
-        checkpointer = self._checkpointer(
-            checkpoint_dir, resume, n, d, lambda a, b: np.asarray(X_given[a:b], np.float32),
-            {"kind": "array", "dtype": str(X_given.dtype)})
+        checkpointer = self._checkpointer(checkpoint_dir, resume, n, d, lambda rows: np.asarray(X_given[rows], np.float32),
+                                          {"kind": "array", "dtype": str(X_given.dtype)})
         try:
             restored = checkpointer.restore_latest() if checkpointer is not None else None
             if restored is None:
                 F0, G0 = self._initial_factors(X)
                 state = initial_state(X, F0, G0)
-                history: list[np.ndarray] = []
+                history = []
             else:
                 state = restored.to_fit_state(patience=int(self.patience), max_iter=int(self.max_iter))
                 history = [restored.loss_history]
-
+            started = time.perf_counter()
             config = self._solver_config(d)
             block_size = min(50, int(self.max_iter))
-            tol, patience, max_iter = (jnp.float32(self.tol), jnp.int32(self.patience), jnp.int32(self.max_iter))
-            started = time.perf_counter()
-            with _progress_bar(self.progress, self.max_iter) as bar:
-                if bar is not None and restored is not None:
-                    bar.update(restored.iteration)
-                while not bool(state.done):
-                    # With checkpoints, a block also ends at the next checkpoint boundary.
-                    stop_at = None if checkpointer is None else jnp.int32(
-                        checkpointer.next_boundary(int(state.iteration)))
-                    block_started = time.perf_counter()
-                    state, losses = run_block(X, sq_norm_X, state, tol, patience, max_iter, stop_at,
-                                              config=config, block_size=block_size)
-                    losses = np.asarray(losses)
-                    losses = losses[~np.isnan(losses)]
-                    history.append(losses)
-                    if bar is not None and losses.size:
-                        bar.update(losses.size)
-                        bar.set_postfix(rel_err=f"{math.sqrt(max(losses[-1], 0) / float(sq_norm_X)):.4f}",
-                                        tok_s=f"{n * losses.size / (time.perf_counter() - block_started):.3g}")
-                    if checkpointer is not None and (bool(state.done) or checkpointer.due(int(state.iteration))):
-                        checkpointer.save(FitProgress.from_fit_state(state, np.concatenate(history), float(sq_norm_X)))
+            limits = (jnp.float32(self.tol), jnp.int32(self.patience), jnp.int32(self.max_iter))
+            state, history = _drive_blocks(
+                lambda s, stop_at: run_block(X, sq_norm_X, s, *limits, stop_at, config=config, block_size=block_size),
+                state, int(self.max_iter), self.progress, float(sq_norm_X), history=history, n_tokens=n,
+                checkpointer=checkpointer,
+                progress_of=lambda s, losses: FitProgress.from_fit_state(s, losses, float(sq_norm_X)))
         finally:
             if checkpointer is not None:
                 checkpointer.close()
 
-        self._set_fitted(state.best_F, state.best_G, np.concatenate(history), int(state.iteration),
+        self._set_fitted(state.best_F, state.best_G, history, int(state.iteration),
                          float(state.best_loss), float(sq_norm_X), d, started)
         return self
 
-    def _checkpointer(self, checkpoint_dir, resume: bool, n: int, d: int, read_rows, source: dict):
-        """The :class:`~jsnmf.checkpoint.FitCheckpointer` of a fit, or None without ``checkpoint_dir``."""
+    def _checkpointer(self, checkpoint_dir, resume: bool, n: int, d: int, sample_rows, source: dict):
+        """The :class:`~jsnmf.checkpoint.FitCheckpointer` of a fit, or None without ``checkpoint_dir``.
+
+        ``sample_rows(indices)``: those rows of the (global) ``X``, for the data fingerprint.
+        """
         if checkpoint_dir is None:
             return None
-        problem = problem_manifest(self.get_params(), n, d, data_fingerprint(read_rows, n, d), source)
+        fingerprint = data_fingerprint(sample_rows(fingerprint_rows(n)), n, d)
+        problem = problem_manifest(self.get_params(), n, d, fingerprint, source)
         return FitCheckpointer(checkpoint_dir, problem, every=int(self.checkpoint_every),
                                max_to_keep=int(self.max_to_keep), resume=resume)
 
-    def _fit_streamed(self, plan: StreamPlan, checkpoint_dir, resume: bool) -> "SNMF":
-        """``fit`` streaming ``X`` chunk by chunk (:mod:`jsnmf.streaming`)."""
-        n, d = plan.n, plan.d
+    def _fit_streamed(self, plan: StreamPlan, mesh, checkpoint_dir, resume: bool) -> "SNMF":
+        """``fit`` streaming ``X`` chunk by chunk (:mod:`jsnmf.streaming`), each chunk split over ``mesh``."""
+        fit = StreamedFit(self, plan, STORAGE_DTYPES[self.dtype], mesh=mesh,
+                          work_dir=codes_directory(self.codes_on_disk))
+        n, d = fit.n, plan.d
         if self.rank > min(n, d):
             raise ValueError(f"rank {self.rank} exceeds min(n_tokens, d_mlp) = {min(n, d)} for X of shape {(n, d)}")
         started = time.perf_counter()
-        checkpointer = self._checkpointer(checkpoint_dir, resume, n, d, plan.read_rows, plan.describe())
+        source = dict(plan.describe(), **({} if mesh is None else {"devices": int(mesh.shape[DATA]),
+                                                                   "processes": jax.process_count()}))
+        fit.checkpointer = self._checkpointer(checkpoint_dir, resume, n, d, fit.sample_rows, source)
         try:
-            work_dir = codes_directory(self.codes_on_disk)
-            fit = StreamedFit(self, plan, STORAGE_DTYPES[self.dtype], checkpointer=checkpointer, work_dir=work_dir)
-            with _progress_bar(self.progress, self.max_iter) as bar:
+            with _progress_bar(self.progress and jax.process_index() == 0, self.max_iter) as bar:
                 result = fit.run(bar)
         finally:
-            if checkpointer is not None:
-                checkpointer.close()
+            if fit.checkpointer is not None:
+                fit.checkpointer.close()
         self._set_fitted(result.features, result.codes, result.loss_history, result.n_iter, result.best_loss,
                          result.sq_norm_X, d, started)
         self.codes_ = result.codes  # keeps an on-disk result a np.memmap
@@ -443,8 +430,13 @@ class SNMF:
             raise ValueError("init G0 must be non-negative (the codes of SNMF are >= 0)")
         return replicate(np.asarray(F0, np.float32), mesh), layout.assemble(np.asarray(G0, np.float32))
 
-    def _fit_sharded(self, X, mesh) -> "SNMF":
-        """``fit`` with the tokens split over ``mesh`` (:mod:`jsnmf.kernels.sharded`)."""
+    def _fit_sharded(self, X, mesh, checkpoint_dir=None, resume: bool = False) -> "SNMF":
+        """``fit`` with the tokens split over ``mesh`` (:mod:`jsnmf.kernels.sharded`).
+
+        Checkpoints hold the codes as the global row-sharded arrays (each process writes its own
+        rows); a resume reads them back whatever the mesh it runs on, so a fit may move between
+        meshes, processes, or to the single-device path (:mod:`jsnmf.checkpoint`).
+        """
         rows = self._rows(X, mesh)
         layout, X = rows.layout, rows.array
         n, d = layout.n_rows, rows.n_columns
@@ -454,14 +446,34 @@ class SNMF:
         sq_norm = float(replicated_value(sq_norm_X))
         if sq_norm == 0.0:
             raise ValueError("X is all zeros: there is nothing to factorize")
-        started = time.perf_counter()
-        F0, G0 = self._sharded_initial_factors(rows)
-        state = state_initializer(mesh)(X, F0, G0)
-        block_size = min(50, int(self.max_iter))
-        step = block_runner(mesh, self._solver_config(d), block_size)
-        limits = (np.float32(self.tol), np.int32(self.patience), np.int32(self.max_iter))
-        state, history = _drive_blocks(lambda s: step(X, sq_norm_X, s, *limits), state, int(self.max_iter),
-                                       self.progress, sq_norm)
+        checkpointer = self._checkpointer(
+            checkpoint_dir, resume, n, d, lambda indices: sample_rows(rows, indices),
+            {"kind": "array", "dtype": str(X.dtype), "devices": int(mesh.shape[DATA]),
+             "processes": jax.process_count()})
+        try:
+            restored = checkpointer.restore_latest() if checkpointer is not None else None
+            if restored is None:
+                F0, G0 = self._sharded_initial_factors(rows)
+                state = state_initializer(mesh)(X, F0, G0)
+                history = []
+            else:
+                own = slice(layout.local_offset, layout.local_offset + layout.local_rows)
+                best_G = restored.G if restored.best_G is None else restored.best_G
+                state = restored.to_fit_state(patience=int(self.patience), max_iter=int(self.max_iter),
+                                              G=layout.assemble(restored.G[own]), best_G=layout.assemble(best_G[own]),
+                                              place=lambda value: replicate(value, mesh))
+                history = [restored.loss_history]
+            started = time.perf_counter()
+            block_size = min(50, int(self.max_iter))
+            step = block_runner(mesh, self._solver_config(d), block_size)
+            limits = (np.float32(self.tol), np.int32(self.patience), np.int32(self.max_iter))
+            state, history = _drive_blocks(
+                lambda s, stop_at: step(X, sq_norm_X, s, *limits, stop_at), state, int(self.max_iter),
+                self.progress, sq_norm, history=history, n_tokens=n, checkpointer=checkpointer,
+                progress_of=lambda s, losses: FitProgress.from_fit_state(s, losses, sq_norm, layout))
+        finally:
+            if checkpointer is not None:
+                checkpointer.close()
         self._set_fitted(replicated_value(state.best_F), layout.local_part(state.best_G), history,
                          int(replicated_value(state.iteration)), float(replicated_value(state.best_loss)),
                          sq_norm, d, started)
@@ -572,27 +584,44 @@ def _replace_directory(staging: Path, path: Path) -> None:
         os.replace(staging, path)
 
 
-def _drive_blocks(step, state, total: int, progress: bool, sq_norm):
-    """Run compiled blocks ``step(state) -> (state, losses)`` until ``state.done`` holds everywhere.
+def _drive_blocks(step, state, total: int, progress: bool, sq_norm, *, history=(), n_tokens: int | None = None,
+                  checkpointer=None, progress_of=None):
+    """Run compiled blocks ``step(state, stop_at) -> (state, losses)`` until ``state.done`` holds everywhere.
 
     For one fit (``losses`` of shape (block,)) or a batch of fits (layers × block). Returns the
-    final state and the losses of all blocks concatenated along the last axis, ``nan`` where a fit
-    ran no iteration. The progress bar (process 0 only) shows the worst relative error.
+    final state and the losses (``history``, the losses before a resume, then those of every block)
+    concatenated along the last axis, ``nan`` where a fit ran no iteration. A block pauses at
+    ``stop_at``: ``total``, or the next checkpoint boundary of ``checkpointer``, which then saves
+    ``progress_of(state, losses)`` (one fit only). The progress bar (process 0 only) shows the
+    worst relative error and, given ``n_tokens``, the tokens per second.
     """
-    blocks = []
+    blocks = [np.asarray(h, np.float32) for h in history]
     sq_norm = np.asarray(sq_norm, np.float64).reshape(-1)
     with _progress_bar(progress and jax.process_index() == 0, total) as bar:
-        while True:
-            state, losses = step(state)
+        if bar is not None:
+            bar.update(int(np.max(replicated_value(state.iteration))))
+        while not bool(np.all(replicated_value(state.done))):
+            iteration = int(np.max(replicated_value(state.iteration)))
+            stop_at = total if checkpointer is None else checkpointer.next_boundary(iteration)
+            block_started = time.perf_counter()
+            state, losses = step(state, np.int32(stop_at))
             losses = replicated_value(losses)
             blocks.append(losses)
             ran = np.sum(~np.isnan(losses.reshape(-1, losses.shape[-1])), axis=1)
             if bar is not None and ran.max() > 0:
                 bar.update(int(ran.max()))
                 last = [row[n - 1] / sq for row, n, sq in zip(losses.reshape(len(ran), -1), ran, sq_norm) if n]
-                bar.set_postfix(rel_err=f"{math.sqrt(max(max(last), 0)):.4f}")
-            if bool(np.all(replicated_value(state.done))):
-                break
+                postfix = {"rel_err": f"{math.sqrt(max(max(last), 0)):.4f}"}
+                if n_tokens is not None:
+                    postfix["tok_s"] = f"{n_tokens * ran.max() / (time.perf_counter() - block_started):.3g}"
+                bar.set_postfix(postfix)
+            if checkpointer is not None:
+                iteration, done = int(replicated_value(state.iteration)), bool(replicated_value(state.done))
+                if done or checkpointer.due(iteration):
+                    losses = np.concatenate(blocks)
+                    checkpointer.save(progress_of(state, losses[~np.isnan(losses)]))
+    if not blocks:
+        return state, np.zeros(np.shape(sq_norm)[:-1] + (0,), np.float32)
     return state, np.concatenate(blocks, axis=-1)
 
 

@@ -48,6 +48,7 @@ import ml_dtypes
 import numpy as np
 
 import jsnmf
+from jsnmf.files import TMP_SUFFIX, atomic_write, atomic_write_json
 
 __all__ = [
     "ActivationStore", "StoreWriter", "FORMAT_NAME", "FORMAT_VERSION", "DTYPES", "hook_name", "check_dtype",
@@ -60,7 +61,6 @@ MANIFEST = "manifest.json"
 DOCUMENTS = "documents.jsonl"
 TOKENS_DIR = "tokens"
 LOCK = ".lock"
-TMP_SUFFIX = ".tmp"
 TOKEN_COLUMNS = ("token_id", "doc_index", "position", "label_index")
 
 # In-memory dtype of each supported store dtype, and the dtype of its bits in the .npy files.
@@ -109,21 +109,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write ``path`` through ``write(file)`` under a temporary name, fsync, then rename over it."""
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _atomic_write_json(path: Path, value) -> None:
-    data = (json.dumps(value, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
-    _atomic_write(path, lambda f: f.write(data))
-
-
 def _atomic_save_npy(path: Path, blocks: Sequence[np.ndarray]) -> None:
     """Save the row blocks ``blocks`` (same dtype and width) as one 2-D ``.npy`` file, without joining
     them in memory first."""
@@ -139,7 +124,7 @@ def _atomic_save_npy(path: Path, blocks: Sequence[np.ndarray]) -> None:
         for block in blocks:
             f.write(np.ascontiguousarray(block).data)
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def _read_manifest(path: Path) -> dict:
@@ -501,7 +486,7 @@ class StoreWriter:
             _remove_store_files(path)
             records = [_document_record(d) for d in documents]
             data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
-            _atomic_write(path / DOCUMENTS, lambda f: f.write(data))
+            atomic_write(path / DOCUMENTS, lambda f: f.write(data))
             for layer in layers:
                 (path / _layer_dir(layer)).mkdir(exist_ok=True)
             (path / TOKENS_DIR).mkdir(exist_ok=True)
@@ -526,7 +511,7 @@ class StoreWriter:
                 "chunks": [],
             }
             _fsync_dir(path)
-            _atomic_write_json(path / MANIFEST, manifest)  # last: its presence makes the directory a store
+            atomic_write_json(path / MANIFEST, manifest)  # last: its presence makes the directory a store
             _fsync_dir(path)
         except BaseException:
             lock.release()
@@ -614,7 +599,7 @@ class StoreWriter:
             self.manifest.update(meta or {})
             self.manifest["complete"] = True
             self.manifest["updated"] = _now()
-            _atomic_write_json(self.path / MANIFEST, self.manifest)
+            atomic_write_json(self.path / MANIFEST, self.manifest)
             _fsync_dir(self.path)
         finally:
             self.abort()
@@ -669,7 +654,7 @@ class StoreWriter:
             _fsync_dir(self.path / directory)
         manifest = {**self.manifest, "chunks": [*self.manifest["chunks"], [start, start + n]],
                     "n_tokens": start + n, "updated": _now()}
-        _atomic_write_json(self.path / MANIFEST, manifest)
+        atomic_write_json(self.path / MANIFEST, manifest)
         self.manifest = manifest  # one assignment: readers of n_committed never see half an update
 
     def _drop_uncommitted_files(self) -> None:

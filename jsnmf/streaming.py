@@ -26,6 +26,12 @@ Where things live:
 - The best iterate is kept as in memory: the best ``F`` on the host, and the best ``G`` copied chunk
   by chunk during the pass after the one that produced it (no extra pass over ``G``).
 
+Several devices and hosts: with a mesh each step's chunk is split over the devices
+(:class:`Placement`) and the statistics are summed across them; under several processes each
+streams its own chunks (its share of a store, or its own rows of an array), writes its own codes,
+and the passes take as many steps as the longest share (a process with fewer chunks adds zero
+chunks). The iterates are those of the single-device fit up to float rounding.
+
 Initializations: ``"random"`` draws exactly the in-memory ``G0`` chunk by chunk (each value from its
 own Threefry counter, :func:`~jsnmf.kernels.init.random_codes`); ``"kmeans"`` is the in-memory algorithm with
 each Lloyd iteration a pass over the chunks; ``"svd"`` is a streamed randomized subspace iteration
@@ -292,6 +298,21 @@ class StreamPlan:
     def d(self) -> int:
         return int(self.source.d_mlp)
 
+    @property
+    def offset(self) -> int:
+        """First token of the plan's chunks (a process's share of a store starts past 0)."""
+        return self.bounds[0][0]
+
+    @property
+    def rows(self) -> int:
+        """Tokens the plan streams."""
+        return self.bounds[-1][1] - self.bounds[0][0]
+
+    def round_chunk_rows(self, multiple: int) -> None:
+        """Pad every chunk to a multiple of ``multiple`` rows (one share per device)."""
+        self.chunk_rows = -(-self.chunk_rows // multiple) * multiple
+        self._buffers = BufferPool((self.chunk_rows, self.d), self.raw_dtype)
+
     def __post_init__(self):
         store_locator = _store_chunk_locator(self.source, self.layer, self.raw_dtype.itemsize)
         if store_locator is not None:
@@ -354,6 +375,9 @@ def make_plan(X, layer=None, chunk_tokens: int | None = None, force: bool = Fals
 
     Streamed: chunk sources (an ActivationStore: pick ``layer``), ``np.memmap`` arrays, and any array
     when ``chunk_tokens`` is set or ``force``. ``chunk_tokens`` regroups the source's chunks.
+    Under several processes an ActivationStore (on a file system they share) is split between
+    them, whole chunks each (:func:`jsnmf.distributed.process_token_range`); any other ``X`` is
+    this process's own rows.
     """
     if is_chunk_source(X):
         source = X
@@ -366,13 +390,20 @@ def make_plan(X, layer=None, chunk_tokens: int | None = None, force: bool = Fals
                 layer = layers[0]
             elif layer not in layers:
                 raise ValueError(f"layer {layer} is not in the store (layers {layers})")
-        bounds = regular_bounds(int(source.n_tokens), int(chunk_tokens)) if chunk_tokens else \
-            [(int(a), int(b)) for a, b in source.chunk_bounds]
+        bounds = [(int(a), int(b)) for a, b in source.chunk_bounds]
+        share = (0, int(source.n_tokens))
+        if jax.process_count() > 1 and hasattr(source, "chunk_path"):
+            from jsnmf.distributed import process_token_range
+
+            share = process_token_range(source)
+            bounds = [(a, b) for a, b in bounds if share[0] <= a and b <= share[1]]
+        if chunk_tokens:
+            bounds = [(share[0] + a, share[0] + b) for a, b in regular_bounds(share[1] - share[0], int(chunk_tokens))]
     elif isinstance(X, np.memmap) or ((chunk_tokens or force) and hasattr(X, "shape") and hasattr(X, "dtype")):
         if layer is not None:
             raise ValueError("layer= selects a layer of an ActivationStore; X is a plain array")
         source = ArraySource(X, chunk_tokens)
-        bounds = source.chunk_bounds
+        bounds, share = source.chunk_bounds, (0, source.n_tokens)
     else:
         if layer is not None:
             raise ValueError("layer= selects a layer of an ActivationStore; X is a plain array")
@@ -380,7 +411,7 @@ def make_plan(X, layer=None, chunk_tokens: int | None = None, force: bool = Fals
     n, d = int(source.n_tokens), int(source.d_mlp)
     if n == 0 or d == 0:
         raise ValueError(f"X is empty: {n} tokens × {d} dimensions")
-    _check_bounds(bounds, n)
+    _check_bounds(bounds, n, share)
     raw_name = getattr(source, "dtype", None)
     if raw_name is None:
         raw_name = np.dtype(source.read(layer, 0, 1, raw=True).dtype).name
@@ -391,14 +422,15 @@ def make_plan(X, layer=None, chunk_tokens: int | None = None, force: bool = Fals
     return StreamPlan(source, layer, bounds, chunk_rows, RAW_DTYPES[raw_name])
 
 
-def _check_bounds(bounds: list[tuple[int, int]], n: int) -> None:
-    expected = 0
+def _check_bounds(bounds: list[tuple[int, int]], n: int, share: tuple[int, int]) -> None:
+    expected = share[0]
     for start, stop in bounds:
         if start != expected or stop <= start:
-            raise ValueError(f"chunk bounds must tile [0, {n}) in order; found ({start}, {stop}) after {expected}")
+            raise ValueError(f"chunk bounds must tile [{share[0]}, {share[1]}) in order; "
+                             f"found ({start}, {stop}) after {expected}")
         expected = stop
-    if expected != n:
-        raise ValueError(f"chunk bounds cover [0, {expected}) but X has {n} tokens")
+    if expected != share[1]:
+        raise ValueError(f"chunk bounds cover [{share[0]}, {expected}) but X has {n} tokens")
 
 
 # -- codes buffers --------------------------------------------------------------------------------
@@ -515,7 +547,7 @@ def _kmeans_assign(X_raw, centroids, valid, *, dtype):
     sq_rows = jnp.sum(jnp.square(X.astype(jnp.float32)), axis=1)
     distance = sq_rows[:, None] - 2.0 * matmul_f32(X, centroids.T) + jnp.sum(centroids * centroids, axis=1)[None, :]
     onehot = jax.nn.one_hot(jnp.argmin(distance, axis=1), centroids.shape[0], dtype=jnp.float32)
-    return X, onehot * _valid_rows(X.shape[0], valid)
+    return X, onehot * valid[:, None]
 
 
 @partial(jax.jit, static_argnames=("dtype",), donate_argnames=("acc",))
@@ -528,7 +560,7 @@ def _kmeans_accumulate(X_raw, centroids, valid, acc, *, dtype):
 @partial(jax.jit, static_argnames=("dtype",))
 def _kmeans_codes(X_raw, centroids, valid, *, dtype):
     _, onehot = _kmeans_assign(X_raw, centroids, valid, dtype=dtype)
-    return (onehot + KMEANS_OFFSET) * _valid_rows(X_raw.shape[0], valid)
+    return (onehot + KMEANS_OFFSET) * valid[:, None]
 
 
 # SVD start, streamed: subspace iteration on XᵀX, Rayleigh–Ritz, then Ding et al.'s sign rule.
@@ -555,7 +587,45 @@ def _sign_masses(X_raw, V, acc, *, dtype):
 @partial(jax.jit, static_argnames=("dtype",))
 def _svd_codes(X_raw, V, floor, valid, *, dtype):
     US = matmul_f32(X_raw.astype(dtype), V)
-    return (jnp.maximum(US, 0.0) + floor) * _valid_rows(X_raw.shape[0], valid)
+    return (jnp.maximum(US, 0.0) + floor) * valid[:, None]
+
+
+# -- where the chunks go --------------------------------------------------------------------------
+
+class Placement:
+    """Where a streamed fit puts its chunks: the default device, or split over a mesh's axis ``data``.
+
+    Under a mesh, a step's global chunk is every process's current chunk, one after the other (a
+    :class:`jsnmf.distributed.RowLayout` with one chunk per process), split over the devices. The
+    per-chunk steps then run on all devices at once and XLA sums the statistics across them;
+    ``F`` and the statistics are replicated. Each process reads, and keeps the codes of, its own
+    chunks only. Chunks are padded to a whole number of rows per device (zero rows, zero codes).
+    """
+
+    def __init__(self, mesh, plan: StreamPlan):
+        self.mesh, self.layout = mesh, None
+        if mesh is not None:
+            from jsnmf.distributed import RowLayout
+
+            local_devices = len(RowLayout.build(mesh, [1] * jax.process_count()).positions[jax.process_index()])
+            plan.round_chunk_rows(local_devices)
+            self.layout = RowLayout.build(mesh, [plan.chunk_rows] * jax.process_count())
+
+    def put(self, local: np.ndarray) -> jax.Array:
+        """This process's chunk-shaped rows on the device(s): the step's global array under a mesh."""
+        return jax.device_put(local) if self.layout is None else self.layout.assemble(local)
+
+    def local(self, array: jax.Array) -> np.ndarray:
+        """This process's rows of a chunk-shaped array, as NumPy."""
+        return np.asarray(array) if self.layout is None else self.layout.local_part(array)
+
+    def replicate(self, value) -> jax.Array:
+        """A host value (the same on every process) where the steps read it: every device of the mesh."""
+        if self.layout is None:
+            return jnp.asarray(value)
+        from jsnmf.distributed import replicate
+
+        return replicate(np.asarray(value), self.mesh)
 
 
 # -- the pass over the chunks ---------------------------------------------------------------------
@@ -563,28 +633,40 @@ def _svd_codes(X_raw, V, floor, valid, *, dtype):
 @dataclass
 class Chunk:
     index: int
-    start: int
+    start: int  # rows [start, stop) of this process's share (its codes); start == stop: no rows left
     stop: int
-    X: jax.Array  # (chunk_rows, d) raw dtype, on the device
-    G: jax.Array | None  # (chunk_rows, k) codes read for this pass, on the device
+    X: jax.Array  # (chunk_rows, d) raw dtype, on the device(s)
+    G: jax.Array | None  # (chunk_rows, k) codes read for this pass, on the device(s)
+    valid: jax.Array  # (chunk_rows,) bool: real rows, not padding
 
 
-def stream_chunks(plan: StreamPlan, codes: Callable[[int, int], np.ndarray] | None = None) -> Iterator[Chunk]:
-    """Yield the chunks in order; a background thread reads and places the next one meanwhile.
+def stream_chunks(plan: StreamPlan, placement: Placement, steps: int | None = None,
+                  codes: Callable[[int, int], np.ndarray] | None = None) -> Iterator[Chunk]:
+    """Yield ``steps`` chunks in order (default: the plan's); a background thread reads and places the next one.
 
     ``codes(start, stop)``, when given, is called in the same thread for the chunk's codes (padded).
-    When the consumer asks for the next chunk it is done with the previous one, whose arrays are
-    dropped here before the following read starts: with a consumer that waits for each chunk's
-    result, at most two chunks are held (the one computing, the one being read).
+    Steps past this process's last chunk (other processes have more) are zero chunks. When the
+    consumer asks for the next chunk it is done with the previous one, whose arrays are dropped
+    here before the following read starts: with a consumer that waits for each chunk's result, at
+    most two chunks are held (the one computing, the one being read).
     """
+    count = len(plan.bounds) if steps is None else steps
+    zeros = None
 
     def load(index: int) -> Chunk:
-        start, stop = plan.bounds[index]
-        X = jax.device_put(plan.load(index))
-        G = jax.device_put(codes(start, stop)) if codes is not None else None
-        return Chunk(index, start, stop, X, G)
+        nonlocal zeros
+        if index < len(plan.bounds):
+            start, stop = (bound - plan.offset for bound in plan.bounds[index])
+            X = plan.load(index)
+        else:
+            start = stop = plan.rows
+            if zeros is None:
+                zeros = aligned_empty((plan.chunk_rows, plan.d), plan.raw_dtype)
+            X = zeros
+        G = placement.put(codes(start, stop)) if codes is not None else None
+        valid = placement.put(np.arange(plan.chunk_rows) < stop - start)
+        return Chunk(index, start, stop, placement.put(X), G, valid)
 
-    count = len(plan.bounds)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="jsnmf-prefetch") as pool:
         future = pool.submit(load, 0)
         previous = None
@@ -638,46 +720,70 @@ class FitResult:
     """What a fit produces (the estimator copies it into its attributes)."""
 
     features: np.ndarray
-    codes: np.ndarray
+    codes: np.ndarray  # this process's rows
     loss_history: np.ndarray
     n_iter: int
     best_loss: float
     sq_norm_X: float
 
 
-def _zero_statistics(d: int, k: int) -> Statistics:
-    return Statistics(jnp.zeros((d, k), jnp.float32), jnp.zeros((k, k), jnp.float32), jnp.zeros((), jnp.float32))
-
-
-def _first_non_finite(plan: StreamPlan, index: int) -> str:
-    start, stop = plan.bounds[index]
-    rows = plan.load(index)[: stop - start].astype(np.float32)
-    row, col = np.argwhere(~np.isfinite(rows))[0]
+def _first_non_finite(plan: StreamPlan) -> str:
     where = plan.describe().get("path")
     layer = f" layer {plan.layer}" if plan.layer is not None else ""
     of = f" of {where}{layer}" if where is not None else layer
-    return f"X contains NaN or Inf (first at row {start + row}, column {col}{of}, chunk [{start}, {stop}))"
+    for index, (start, stop) in enumerate(plan.bounds):
+        rows = plan.load(index)[: stop - start].astype(np.float32)
+        bad = np.argwhere(~np.isfinite(rows))
+        if len(bad):
+            row, col = bad[0]
+            return f"X contains NaN or Inf (first at row {start + row}, column {col}{of}, chunk [{start}, {stop}))"
+    return f"X contains NaN or Inf in the rows of another process (process {jax.process_index()}'s rows{of} are finite)"
 
 
 class StreamedFit:
-    """The streamed fit of one estimator on one plan (see the module docstring)."""
+    """The streamed fit of one estimator on one plan (see the module docstring).
 
-    def __init__(self, model, plan: StreamPlan, compute_dtype, *, checkpointer=None, work_dir: Path | None = None):
+    ``mesh``: split each step's chunk over the mesh's devices (:class:`Placement`); under several
+    processes each streams its own plan and keeps its own codes, and the sizes below are global.
+    """
+
+    def __init__(self, model, plan: StreamPlan, compute_dtype, *, mesh=None, work_dir: Path | None = None):
+        from jsnmf.distributed import per_process
+
         self.model, self.plan = model, plan
-        self.n, self.d, self.k = plan.n, plan.d, int(model.rank)
+        self.d, self.k = plan.d, int(model.rank)
+        self.placement = Placement(mesh, plan)
+        self.row_counts = per_process(plan.rows)  # every process's tokens
+        self.n_local, self.offset = plan.rows, int(self.row_counts[: jax.process_index()].sum())
+        self.n = int(self.row_counts.sum())
+        self.steps = int(per_process(len(plan.bounds)).max())  # passes take as many steps as the longest share
         self.dtype = compute_dtype
         self.config: SolverConfig = model._solver_config(self.d)
-        self.checkpointer = checkpointer
+        self.checkpointer = None
         self.work_dir = work_dir
         self.tokens_per_second = float("nan")
         self._codes_buffers = BufferPool((plan.chunk_rows, self.k), np.float32)
+
+    def chunks(self, codes=None) -> Iterator[Chunk]:
+        return stream_chunks(self.plan, self.placement, self.steps, codes)
+
+    def sample_rows(self, indices) -> np.ndarray:
+        """Rows ``indices`` of the global ``X`` as float32, on every process (a collective)."""
+        from jsnmf.distributed import sum_over_processes
+
+        out = np.zeros((len(indices), self.d), np.float32)
+        for i, row in enumerate(np.asarray(indices).tolist()):
+            local = row - self.offset
+            if 0 <= local < self.n_local:
+                out[i] = self.plan.read_rows(self.plan.offset + local, self.plan.offset + local + 1)[0]
+        return sum_over_processes(out)  # each row is held by one process, zeros elsewhere
 
     # -- codes buffers
 
     def _buffer(self, name: str):
         if self.work_dir is None:
-            return MemoryCodes(self.n, self.k)
-        return DiskCodes(self.work_dir / f"{name}.npy", self.n, self.k)
+            return MemoryCodes(self.n_local, self.k)
+        return DiskCodes(self.work_dir / f"{name}{_process_suffix()}.npy", self.n_local, self.k)
 
     def _read_codes(self, buffer, copy_to=None):
         """Reader of a chunk's codes from ``buffer`` (padded with zero rows), copying them to ``copy_to``."""
@@ -702,49 +808,55 @@ class StreamedFit:
             return None
         if init == "random":
             _, key_G = random_keys(key)
-            rows = self.plan.chunk_rows
-            return lambda c: _random_chunk(key_G, jnp.int32(c.start), jnp.int32(c.stop - c.start),
-                                           chunk_rows=rows, k=k)
+            rows, placement = self.plan.chunk_rows, self.placement
+
+            def random_chunk(c: Chunk) -> jax.Array:
+                # Drawn by global token index: the same codes whatever the chunks and processes.
+                G = _random_chunk(key_G, jnp.int32(self.offset + c.start), jnp.int32(c.stop - c.start),
+                                  chunk_rows=rows, k=k)
+                return G if placement.layout is None else placement.put(np.asarray(G))
+
+            return random_chunk
         if init == "kmeans":
             centroids = self._kmeans_centroids(key, bar)
-            return lambda c: _kmeans_codes(c.X, centroids, jnp.int32(c.stop - c.start), dtype=dtype)
+            return lambda c: _kmeans_codes(c.X, centroids, c.valid, dtype=dtype)
         if init == "svd":
             V, floor = self._svd_directions(key, bar)
-            return lambda c: _svd_codes(c.X, V, floor, jnp.int32(c.stop - c.start), dtype=dtype)
+            return lambda c: _svd_codes(c.X, V, floor, c.valid, dtype=dtype)
         raise ValueError(f"unknown init {init!r} for a streamed fit; expected random, svd, kmeans or (F0, G0)")
 
     def _kmeans_centroids(self, key, bar) -> jax.Array:
         rows = np.asarray(jax.random.choice(key, self.n, (self.k,), replace=False))
-        seeds = np.stack([self.plan.read_rows(int(r), int(r) + 1)[0] for r in rows])
-        centroids = jnp.asarray(seeds, self.dtype).astype(jnp.float32)
+        seeds = self.sample_rows(rows)
+        centroids = self.placement.replicate(np.asarray(jnp.asarray(seeds, self.dtype).astype(jnp.float32)))
         for it in range(KMEANS_ITERS):
             _stage(bar, f"init k-means {it + 1}/{KMEANS_ITERS}")
-            acc = (jnp.zeros((self.k, self.d), jnp.float32), jnp.zeros((self.k,), jnp.float32))
-            for c in stream_chunks(self.plan):
-                acc = jax.block_until_ready(
-                    _kmeans_accumulate(c.X, centroids, jnp.int32(c.stop - c.start), acc, dtype=self.dtype))
+            acc = self.placement.replicate(np.zeros((self.k, self.d), np.float32)), \
+                self.placement.replicate(np.zeros((self.k,), np.float32))
+            for c in self.chunks():
+                acc = jax.block_until_ready(_kmeans_accumulate(c.X, centroids, c.valid, acc, dtype=self.dtype))
             sums, counts = acc
             centroids = jnp.where(counts[:, None] > 0, sums / jnp.maximum(counts, 1.0)[:, None], centroids)
         return centroids
 
     def _svd_directions(self, key, bar) -> tuple[jax.Array, jax.Array]:
         width = min(self.k + SVD_OVERSAMPLE, self.n, self.d)
-        V = jax.random.normal(key, (self.d, width), jnp.float32)
+        V = self.placement.replicate(np.asarray(jax.random.normal(key, (self.d, width), jnp.float32)))
         for it in range(SVD_POWER_ITERS + 1):
             _stage(bar, f"init svd {it + 1}/{SVD_POWER_ITERS + 3}")
-            Z = jnp.zeros((self.d, width), jnp.float32)
-            for c in stream_chunks(self.plan):
+            Z = self.placement.replicate(np.zeros((self.d, width), np.float32))
+            for c in self.chunks():
                 Z = jax.block_until_ready(_gram_times(c.X, V, Z, dtype=self.dtype))
             V, _ = jnp.linalg.qr(Z)
         _stage(bar, f"init svd {SVD_POWER_ITERS + 2}/{SVD_POWER_ITERS + 3}")
-        H = jnp.zeros((width, width), jnp.float32)
-        for c in stream_chunks(self.plan):
+        H = self.placement.replicate(np.zeros((width, width), np.float32))
+        for c in self.chunks():
             H = jax.block_until_ready(_projected_gram(c.X, V, H, dtype=self.dtype))
         _, W = jnp.linalg.eigh(H)  # ascending; the top k Ritz vectors are the last columns
         V = V @ W[:, ::-1][:, : self.k]
         _stage(bar, f"init svd {SVD_POWER_ITERS + 3}/{SVD_POWER_ITERS + 3}")
-        masses = jnp.zeros((4, self.k), jnp.float32)
-        for c in stream_chunks(self.plan):
+        masses = self.placement.replicate(np.zeros((4, self.k), np.float32))
+        for c in self.chunks():
             masses = jax.block_until_ready(_sign_masses(c.X, V, masses, dtype=self.dtype))
         pos_sq, neg_sq, pos_sum, neg_sum = masses
         sign = jnp.where(pos_sq >= neg_sq, 1.0, -1.0)
@@ -756,8 +868,11 @@ class StreamedFit:
         F0, G0 = self.model.init
         if tuple(np.shape(F0)) != (self.d, self.k):
             raise ValueError(f"init F0 must have shape (d_mlp, rank) = {(self.d, self.k)}; got {np.shape(F0)}")
-        if tuple(np.shape(G0)) != (self.n, self.k):
-            raise ValueError(f"init G0 must have shape (n_tokens, rank) = {(self.n, self.k)}; got {np.shape(G0)}")
+        if tuple(np.shape(G0)) != (self.n_local, self.k):
+            mine = " (this process's rows)" if jax.process_count() > 1 else ""
+            raise ValueError(f"init G0 must have shape (n_tokens, rank) = {(self.n_local, self.k)}{mine}; "
+                             f"got {np.shape(G0)}")
+
         def read(start: int, stop: int) -> np.ndarray:
             out = self._codes_buffers.take()
             out[: stop - start] = np.asarray(G0[start:stop], np.float32)
@@ -771,29 +886,36 @@ class StreamedFit:
 
     def initialize(self, current, bar) -> tuple[Statistics, float]:
         """Draw ``G0`` chunk by chunk into ``current``; return its statistics and ``‖X‖²`` (one pass)."""
+        from jsnmf.distributed import replicated_value
+
         make_codes = self._initial_codes_function(bar)
         _stage(bar, "init codes")
-        acc = (_zero_statistics(self.d, self.k), jnp.zeros((), jnp.float32))
+        acc = (self._zero_statistics(), self.placement.replicate(np.float32(0.0)))
         finite = []
         reader = self._initial_arrays() if make_codes is None else None
-        for c in stream_chunks(self.plan, reader):
+        for c in self.chunks(reader):
             G = c.G if make_codes is None else make_codes(c)
             acc, ok = _initial_statistics(c.X, G, acc, dtype=self.dtype)
             finite.append(ok)
             jax.block_until_ready((acc, ok))  # done with this chunk of X: bounds the chunks in flight
-            _write_back(current, c.start, c.stop, G)
-        bad = [i for i, ok in enumerate(finite) if not bool(ok)]
-        if bad:
-            raise ValueError(_first_non_finite(self.plan, bad[0]))
+            _write_back(current, c.start, c.stop, self.placement.local(G))
+        if not all(bool(replicated_value(ok)) for ok in finite):
+            raise ValueError(_first_non_finite(self.plan))
         stats, sq_norm_X = acc
-        sq_norm_X = float(sq_norm_X)
+        sq_norm_X = float(replicated_value(sq_norm_X))
         if sq_norm_X == 0.0:
             raise ValueError("X is all zeros: there is nothing to factorize")
         return stats, sq_norm_X
 
+    def _zero_statistics(self) -> Statistics:
+        d, k = self.d, self.k
+        return Statistics(*(self.placement.replicate(np.zeros(shape, np.float32)) for shape in ((d, k), (k, k), ())))
+
     # -- the fit
 
     def run(self, bar) -> FitResult:
+        from jsnmf.distributed import replicated_value
+
         model, k = self.model, self.k
         tol, patience, max_iter = np.float32(model.tol), int(model.patience), int(model.max_iter)
         current, following, best = self._buffer("codes_current"), self._buffer("codes_next"), self._buffer("codes_best")
@@ -807,11 +929,12 @@ class StreamedFit:
                 best_is_current = False
             else:
                 _stage(bar, "restoring")
-                _fill(current, restored.G)
+                own = slice(self.offset, self.offset + self.n_local)  # restored codes are global
+                _fill(current, restored.G[own])
                 if restored.best_G is not None:
-                    _fill(best, restored.best_G)
+                    _fill(best, restored.best_G[own])
                 best_is_current = restored.best_G is None
-                stats = Statistics(*(jnp.asarray(a) for a in (restored.XtG, restored.GtG, restored.PG)))
+                stats = Statistics(*(self.placement.replicate(a) for a in (restored.XtG, restored.GtG, restored.PG)))
                 sq_norm_X = restored.sq_norm_X
                 history = [np.float32(x) for x in restored.loss_history]
                 best_F = restored.best_F
@@ -820,24 +943,24 @@ class StreamedFit:
                 if bar is not None:
                     bar.update(restored.iteration)
             sq32 = np.float32(sq_norm_X)
-            sq_device = jnp.float32(sq_norm_X)
+            sq_device = self.placement.replicate(np.float32(sq_norm_X))
             last_loss = history[-1] if history else np.float32(np.inf)
             done = bool(history) and book.done(last_loss, patience=patience, max_iter=max_iter)
             while not done:
                 started = time.perf_counter()
                 F, scale, Q = _features(stats.XtG, stats.GtG, config=self.config)
-                acc = _zero_statistics(self.d, k)
+                acc = self._zero_statistics()
                 reader = self._read_codes(current, copy_to=best if best_is_current else None)
-                for c in stream_chunks(self.plan, reader):
+                for c in self.chunks(reader):
                     G, acc = _codes_chunk(c.X, c.G, F, Q, scale, acc, config=self.config, dtype=self.dtype)
                     jax.block_until_ready(acc)  # done with this chunk of X (see stream_chunks)
-                    _write_back(following, c.start, c.stop, G)
-                loss = np.float32(_loss(sq_device, acc, Q))
+                    _write_back(following, c.start, c.stop, self.placement.local(G))
+                loss = np.float32(replicated_value(_loss(sq_device, acc, Q)))
                 self.tokens_per_second = self.n / (time.perf_counter() - started)
                 history.append(loss)
                 better = book.advance(loss, tol=tol, sq_norm_X=sq32)
                 if better:
-                    best_F = np.array(F)
+                    best_F = replicated_value(F)
                 # The best codes were copied during this pass if they were the previous iterate.
                 best_is_current = better
                 current, following, stats = following, current, acc
@@ -857,14 +980,23 @@ class StreamedFit:
                          n_iter=book.iteration, best_loss=float(book.best_loss), sq_norm_X=sq_norm_X)
 
     def _progress(self, current, best, best_is_current, stats, best_F, book, sq_norm_X, history):
-        from jsnmf.checkpoint import FitProgress
+        """The checkpoint content. Under several processes the codes become a global array on the mesh
+        (each process saves its own rows; the codes are n×k, small beside ``X``)."""
+        from jsnmf.checkpoint import FitProgress, row_blocks
+        from jsnmf.distributed import RowLayout, replicated_value
 
+        G, best_G, blocks = current.full(), None if best_is_current else best.full(), None
+        if jax.process_count() > 1:
+            layout = RowLayout.build(self.placement.mesh, self.row_counts)
+            G = layout.assemble(np.asarray(G))
+            best_G = None if best_G is None else layout.assemble(np.asarray(best_G))
+            blocks = row_blocks(layout)
         return FitProgress(
-            G=current.full(), best_G=None if best_is_current else best.full(),
-            XtG=np.asarray(stats.XtG), GtG=np.asarray(stats.GtG), PG=np.asarray(stats.PG),
-            best_F=np.asarray(best_F), best_loss=float(book.best_loss), reference_loss=float(book.reference_loss),
-            since_improvement=book.since_improvement, iteration=book.iteration, sq_norm_X=sq_norm_X,
-            loss_history=np.asarray(history, np.float32))
+            G=G, best_G=best_G, XtG=replicated_value(stats.XtG), GtG=replicated_value(stats.GtG),
+            PG=replicated_value(stats.PG), best_F=np.asarray(best_F), best_loss=float(book.best_loss),
+            reference_loss=float(book.reference_loss), since_improvement=book.since_improvement,
+            iteration=book.iteration, sq_norm_X=sq_norm_X, loss_history=np.asarray(history, np.float32),
+            row_blocks=blocks)
 
     def _finish(self, current, following, best, best_is_current) -> np.ndarray:
         """The best codes: in memory an array, on disk ``codes.npy`` in the work directory (memory-mapped)."""
@@ -873,7 +1005,7 @@ class StreamedFit:
             return winner.result()
         for buffer in (current, following, best):
             buffer.close()
-        final = self.work_dir / "codes.npy"
+        final = self.work_dir / f"codes{_process_suffix()}.npy"
         os.replace(winner.path, final)
         for buffer in (current, following, best):
             if buffer is not winner and buffer.path.exists():
@@ -881,8 +1013,13 @@ class StreamedFit:
         return np.load(final, mmap_mode="r")
 
 
-def _write_back(buffer, start: int, stop: int, G: jax.Array) -> None:
-    buffer.write(start, np.asarray(G)[: stop - start])
+def _process_suffix() -> str:
+    """Distinguishes the files of the processes of a multi-process fit sharing a directory."""
+    return f"-process{jax.process_index()}" if jax.process_count() > 1 else ""
+
+
+def _write_back(buffer, start: int, stop: int, G: np.ndarray) -> None:
+    buffer.write(start, G[: stop - start])
 
 
 def _stage(bar, text: str | None) -> None:

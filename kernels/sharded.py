@@ -74,33 +74,35 @@ def state_initializer(mesh: Mesh, batched: bool = False):
 
 @lru_cache(maxsize=64)
 def block_runner(mesh: Mesh, config: SolverConfig, block_size: int, batched: bool = False):
-    """Compiled ``(X, sq_norm_X, state, tol, patience, max_iter) -> (state, losses)``.
+    """Compiled ``(X, sq_norm_X, state, tol, patience, max_iter, stop_at) -> (state, losses)``.
 
-    :func:`run_block` inside ``shard_map``: up to ``block_size`` iterations in one dispatch. With
-    ``batched``, ``X``, ``sq_norm_X`` and ``state`` have a leading layer axis and ``losses`` is
+    :func:`run_block` inside ``shard_map``: up to ``block_size`` iterations in one dispatch, pausing
+    early when ``state.iteration`` reaches ``stop_at`` (a checkpoint boundary). With ``batched``,
+    ``X``, ``sq_norm_X`` and ``state`` have a leading layer axis and ``losses`` is
     (layers × block_size); the ``while_loop`` runs until every layer is done, finished ones masked.
     """
     rows, rep = row_spec(batched), P()
 
-    def block(X, sq_norm_X, state, tol, patience, max_iter):
-        return run_block(X, sq_norm_X, state, tol, patience, max_iter, None,
+    def block(X, sq_norm_X, state, tol, patience, max_iter, stop_at):
+        return run_block(X, sq_norm_X, state, tol, patience, max_iter, stop_at,
                          config=config, block_size=block_size, axis_name=DATA)
 
     if batched:
-        block = jax.vmap(block, in_axes=(0, 0, 0, None, None, None))
-    sharded = jax.shard_map(block, mesh=mesh, in_specs=(rows, rep, state_specs(batched), rep, rep, rep),
+        block = jax.vmap(block, in_axes=(0, 0, 0, None, None, None, None))
+    sharded = jax.shard_map(block, mesh=mesh, in_specs=(rows, rep, state_specs(batched), rep, rep, rep, rep),
                             out_specs=(state_specs(batched), rep))
     return jax.jit(sharded, donate_argnums=(2,))
 
 
 @lru_cache(maxsize=64)
 def batched_block_runner(config: SolverConfig, block_size: int):
-    """Single-device ``(X, sq_norm_X, state, tol, patience, max_iter) -> (state, losses)`` over a layer axis."""
+    """Single-device ``(X, sq_norm_X, state, tol, patience, max_iter, stop_at) -> (state, losses)`` over a layer axis."""
 
-    def block(X, sq_norm_X, state, tol, patience, max_iter):
-        return run_block(X, sq_norm_X, state, tol, patience, max_iter, None, config=config, block_size=block_size)
+    def block(X, sq_norm_X, state, tol, patience, max_iter, stop_at):
+        return run_block(X, sq_norm_X, state, tol, patience, max_iter, stop_at, config=config,
+                         block_size=block_size)
 
-    return jax.jit(jax.vmap(block, in_axes=(0, 0, 0, None, None, None)), donate_argnums=(2,))
+    return jax.jit(jax.vmap(block, in_axes=(0, 0, 0, None, None, None, None)), donate_argnums=(2,))
 
 
 @lru_cache(maxsize=64)

@@ -8,6 +8,7 @@ The device count comes from ``XLA_FLAGS=--xla_force_host_platform_device_count=N
 """
 
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -61,6 +62,21 @@ def run_sharded(data, out):
         results[f"layers_{name}_features"] = layer_model.features_
         results[f"layers_{name}_codes"] = layer_model.codes_
         results[f"layers_{name}_loss"] = layer_model.loss_history_
+    # Checkpoints: 10 iterations on 4 devices, then resumed to 15 on all 8 (another mesh).
+    checkpoint_dir = Path(out).parent / "sharded_checkpoint"
+    first = dict(SETTINGS, max_iter=10, checkpoint_every=5)
+    jsnmf.SNMF(RANK, solver="hals", sparsity=0.2, mesh=meshes["4"], **first).fit(X, checkpoint_dir=checkpoint_dir)
+    model = jsnmf.SNMF(RANK, solver="hals", sparsity=0.2, **SETTINGS).fit(X, checkpoint_dir=checkpoint_dir, resume=True)
+    results["resumed_features"], results["resumed_codes"] = model.features_, model.codes_
+    results["resumed_loss"] = model.loss_history_
+    # Streamed (chunks of 64 rows, each split over the devices) on 4 and on all 8 devices.
+    for mesh_name in ("4", "8"):
+        for init in ("random", "kmeans"):
+            model = jsnmf.SNMF(RANK, solver="hals", sparsity=0.2, mesh=meshes[mesh_name], chunk_tokens=64, init=init,
+                               **SETTINGS).fit(X)
+            key = f"streamed_{mesh_name}_{init}"
+            results[f"{key}_features"], results[f"{key}_codes"] = model.features_, model.codes_
+            results[f"{key}_loss"] = model.loss_history_
     # A mesh without a 'data' axis is refused.
     try:
         jsnmf.SNMF(RANK, mesh=Mesh(devices, ("model",)))
@@ -96,6 +112,32 @@ def run_multihost(data, out, port, process_id):
         results[f"{key}_loss"] = model.loss_history_
         results[f"{key}_transform"] = model.transform(new_mine)
         results[f"{key}_score"] = np.array(model.score(new_mine))
+    # Streamed: each process its own rows in chunks of 40 (process 0: 4 chunks, process 1: 4 chunks);
+    # and a store both share, each reading its own whole chunks (the store has chunks of 50 rows).
+    model = jsnmf.SNMF(RANK, solver="hals", sparsity=0.2, chunk_tokens=40, **SETTINGS).fit(mine)
+    results["streamed_features"], results["streamed_codes"] = model.features_, model.codes_
+    results["streamed_loss"] = model.loss_history_
+    from jsnmf.store import ActivationStore
+
+    store = ActivationStore.open(data["store"].item())
+    model = jsnmf.SNMF(RANK, solver="hals", sparsity=0.2, **SETTINGS).fit(store)
+    results["store_features"], results["store_codes"] = model.features_, model.codes_
+    results["store_loss"] = model.loss_history_
+    store_checkpoint = Path(data["checkpoint_dir"].item() + "_store")
+    jsnmf.SNMF(RANK, solver="hals", sparsity=0.2, **dict(SETTINGS, max_iter=10, checkpoint_every=5)).fit(
+        store, checkpoint_dir=store_checkpoint)
+    model = jsnmf.SNMF(RANK, solver="hals", sparsity=0.2, **SETTINGS).fit(store, checkpoint_dir=store_checkpoint,
+                                                                          resume=True)
+    results["store_resumed_features"], results["store_resumed_codes"] = model.features_, model.codes_
+    results["store_resumed_loss"] = model.loss_history_
+    # Checkpoints written by both processes (each its own rows of G), then resumed by both.
+    checkpoint_dir = Path(data["checkpoint_dir"].item())
+    first = dict(SETTINGS, max_iter=10, checkpoint_every=5)
+    jsnmf.SNMF(RANK, solver="mu", sparsity=0.2, **first).fit(mine, checkpoint_dir=checkpoint_dir)
+    model = jsnmf.SNMF(RANK, solver="mu", sparsity=0.2, **SETTINGS).fit(mine, checkpoint_dir=checkpoint_dir,
+                                                                        resume=True)
+    results["resumed_features"], results["resumed_codes"] = model.features_, model.codes_
+    results["resumed_loss"] = model.loss_history_
     np.savez(out, **results)
 
 

@@ -157,3 +157,51 @@ def test_fit_streams_big_stores_with_the_same_result(capsys, extracted, monkeypa
     assert streamed.n_iter_ == in_memory.n_iter_
     np.testing.assert_allclose(streamed.features_, in_memory.features_, rtol=1e-3, atol=1e-4)
     np.testing.assert_allclose(streamed.codes_, in_memory.codes_, rtol=1e-3, atol=1e-4)
+
+
+def test_fit_killed_and_resumed_from_the_command_line(capsys, extracted, tmp_path):
+    """`jsnmf fit` checkpoints while it runs; killed (SIGKILL), `--resume` finishes it with the factors
+    of an uninterrupted fit, removes the checkpoints and keeps layers already fitted."""
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import numpy as np
+
+    from jsnmf.estimator import SNMF
+    from jsnmf.store import ActivationStore
+
+    store = tmp_path / "run" / "store"
+    shutil.copytree(extracted / "store", store)
+    fitting = tmp_path / "run" / "snmf" / "layer_00.fitting"
+    options = ["--layers", "0", "--rank", "3", "--max-iter", "60", "--tol", "0", "--checkpoint-every", "1"]
+    child = subprocess.Popen([sys.executable, "-m", "jsnmf", "fit", "--quiet", "--store", str(store), *options],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    try:
+        while len([p for p in fitting.glob("*") if p.name.isdigit()]) < 3:
+            assert child.poll() is None, child.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint within 240 s"
+            time.sleep(0.005)
+        child.send_signal(signal.SIGKILL)
+    finally:
+        child.kill()
+        child.wait()
+    assert not (tmp_path / "run" / "snmf" / "layer_00").exists()  # killed before the end
+
+    code, _, err = run_cli(capsys, "fit", "--store", store, *options)
+    assert_user_error(code, err, "interrupted fit", "--resume")
+    code, out, err = run_cli(capsys, "fit", "--store", store, *options, "--resume")
+    assert code == 0, err
+    assert "(resuming)" in out and not fitting.exists()
+    resumed = SNMF.load(tmp_path / "run" / "snmf" / "layer_00")
+    X = ActivationStore.open(store).layer_array(0)
+    uninterrupted = SNMF(3, max_iter=60, tol=0.0, progress=False).fit(X)
+    assert resumed.n_iter_ == uninterrupted.n_iter_ == 60
+    np.testing.assert_array_equal(resumed.features_, uninterrupted.features_)
+    np.testing.assert_array_equal(resumed.codes_, uninterrupted.codes_)
+
+    code, out, err = run_cli(capsys, "fit", "--store", store, *options, "--resume")
+    assert code == 0 and "already fitted" in out, err

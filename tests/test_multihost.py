@@ -24,11 +24,23 @@ def relative(a, b):
     return float(np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b))
 
 
+def write_store(path, X, chunk_tokens=50):
+    from jsnmf.store import ActivationStore
+
+    n = len(X)
+    writer = ActivationStore.create(path, layers=[0], d_mlp=X.shape[1], dtype="float32", chunk_tokens=chunk_tokens)
+    writer.append({0: X}, np.zeros(n, np.int32), np.zeros(n, np.int32), np.arange(n, dtype=np.int32),
+                  np.full(n, -1, np.int32))
+    return writer.close()
+
+
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory):
     folder = tmp_path_factory.mktemp("multihost")
     X, X_new = worker.problem()
-    np.savez(folder / "in.npz", X=X, X_new=X_new, cut=np.array(CUT))
+    store = write_store(folder / "store", X)
+    np.savez(folder / "in.npz", X=X, X_new=X_new, cut=np.array(CUT), checkpoint_dir=np.array(str(folder / "ckpt")),
+             store=np.array(str(store.path)))
     port = free_port()
     logs = [folder / f"process{i}.log" for i in range(2)]
     processes = [worker.start_worker(["multihost", folder / "in.npz", folder / f"out{i}.npz", port, i], 2, logs[i])
@@ -36,6 +48,7 @@ def two_processes(tmp_path_factory):
     try:
         references = {case_name(solver, sparsity): SNMF(RANK, solver=solver, sparsity=sparsity, **SETTINGS).fit(X)
                       for solver, sparsity in [("mu", 0.2), ("hals", None)]}
+        references["hals_sparse"] = SNMF(RANK, solver="hals", sparsity=0.2, **SETTINGS).fit(X)
         worker.finish_workers(processes, logs, timeout=300)
     finally:
         worker.kill_workers(processes)
@@ -43,12 +56,12 @@ def two_processes(tmp_path_factory):
     for i in range(2):
         with np.load(folder / f"out{i}.npz") as out:
             results.append(dict(out))
-    return X, X_new, references, results
+    return X, X_new, references, results, folder / "ckpt"
 
 
 @pytest.mark.parametrize("case", ["mu_sparse", "hals_dense"])
 def test_two_processes_fit_like_one(two_processes, case):
-    X, X_new, references, (first, second) = two_processes
+    X, X_new, references, (first, second), _ = two_processes
     reference = references[case]
     # features_ and the losses are the same on both processes, and equal the one-process fit.
     np.testing.assert_array_equal(first[f"{case}_features"], second[f"{case}_features"])
@@ -68,3 +81,35 @@ def test_two_processes_fit_like_one(two_processes, case):
     assert relative(transformed, reference.transform(X_new)) < 1e-5
     assert float(first[f"{case}_score"]) == float(second[f"{case}_score"])
     assert float(first[f"{case}_score"]) == pytest.approx(reference.score(X_new), abs=1e-5)
+
+
+def test_two_processes_checkpoint_and_resume(two_processes):
+    """Both processes write their rows of G into one checkpoint and resume from it; the fit also
+    moves to a single process (the padding of each process's block is dropped on restore)."""
+    X, _, references, (first, second), checkpoint_dir = two_processes
+    reference = references["mu_sparse"]  # 15 iterations at once, one process
+    np.testing.assert_array_equal(first["resumed_features"], second["resumed_features"])
+    assert relative(first["resumed_features"], reference.features_) < 1e-5
+    assert relative(np.concatenate([first["resumed_codes"], second["resumed_codes"]]), reference.codes_) < 1e-5
+    assert relative(first["resumed_loss"], reference.loss_history_) < 1e-5
+    longer = dict(SETTINGS, max_iter=20)
+    moved = SNMF(RANK, solver="mu", sparsity=0.2, **longer).fit(X, checkpoint_dir=checkpoint_dir, resume=True)
+    at_once = SNMF(RANK, solver="mu", sparsity=0.2, **longer).fit(X)
+    assert moved.n_iter_ == 20
+    assert relative(moved.features_, at_once.features_) < 1e-5
+    assert relative(moved.codes_, at_once.codes_) < 1e-5
+
+
+@pytest.mark.parametrize("source", ["streamed", "store", "store_resumed"])
+def test_two_processes_stream_their_own_chunks(two_processes, source):
+    """Each process streams its own rows (an array in chunks, or its share of a store's chunks;
+    also checkpointed after 10 iterations and resumed to 15): the one-process in-memory fit,
+    features everywhere and each process's codes."""
+    X, _, references, (first, second), _ = two_processes
+    reference = references["hals_sparse"]
+    np.testing.assert_array_equal(first[f"{source}_features"], second[f"{source}_features"])
+    assert relative(first[f"{source}_features"], reference.features_) < 1e-5
+    assert relative(first[f"{source}_loss"], reference.loss_history_) < 1e-5
+    codes = np.concatenate([first[f"{source}_codes"], second[f"{source}_codes"]])
+    assert codes.shape == reference.codes_.shape
+    assert relative(codes, reference.codes_) < 1e-5

@@ -39,9 +39,23 @@ class SlowStore:
 mode, store_path, checkpoint_dir, settings = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
 store = ActivationStore.open(store_path)
 X = SlowStore(store) if mode == "streamed" else store.layer_array(2)
-SNMF(**settings).fit(X, checkpoint_dir=checkpoint_dir, resume=True)
+model = SNMF(**settings).fit(X, checkpoint_dir=checkpoint_dir, resume=True)
+if len(sys.argv) > 5:  # where to put the result
+    import numpy as np
+    np.savez(sys.argv[5], features=model.features_, codes=model.codes_, loss=model.loss_history_,
+             n_iter=model.n_iter_)
 print("finished")
 """
+# "sharded" runs the in-memory fit on this many simulated devices (the default mesh holds all of them).
+SHARDED_DEVICES = 4
+
+
+def child_command(mode, store, checkpoint_dir, settings, out=None):
+    env = dict(os.environ)
+    if mode == "sharded":
+        env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={SHARDED_DEVICES}")
+    command = [sys.executable, "-c", CHILD, mode, str(store.path), str(checkpoint_dir), json.dumps(settings)]
+    return command + ([str(out)] if out is not None else []), env
 
 
 def write_store(path, X, chunk_tokens=CHUNK):
@@ -64,8 +78,8 @@ def steps(directory):
 
 def run_and_kill(mode, store, checkpoint_dir, settings, kill_after_steps=2):
     """Start the fit in a subprocess, SIGKILL it once ``kill_after_steps`` checkpoints are complete."""
-    child = subprocess.Popen([sys.executable, "-c", CHILD, mode, str(store.path), str(checkpoint_dir),
-                              json.dumps(settings)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    command, env = child_command(mode, store, checkpoint_dir, settings)
+    child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240
     try:
         while len(steps(checkpoint_dir)) < kill_after_steps:
@@ -108,6 +122,26 @@ def test_killed_in_memory_fit_resumes_to_the_same_factors(store, tmp_path):
     uninterrupted = SNMF(**settings).fit(X, checkpoint_dir=tmp_path / "reference")
     assert_same_fit(resumed, uninterrupted)
     assert len(steps(tmp_path / "ckpt")) <= 3  # max_to_keep
+
+
+def test_killed_sharded_fit_resumes_to_the_same_factors(store, tmp_path):
+    """A fit over 4 devices, killed, resumed over 4 devices: the same factors as an uninterrupted one."""
+    settings = dict(SETTINGS, max_iter=12, checkpoint_every=1, max_to_keep=3)
+    left = run_and_kill("sharded", store, tmp_path / "ckpt", settings, kill_after_steps=3)
+    assert left and max(left) < 12
+    results = {}
+    for name in ("ckpt", "reference"):
+        command, env = child_command("sharded", store, tmp_path / name, settings, out=tmp_path / f"{name}.npz")
+        finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+        assert finished.returncode == 0, finished.stderr[-3000:]
+        with np.load(tmp_path / f"{name}.npz") as out:
+            results[name] = dict(out)
+    resumed, uninterrupted = results["ckpt"], results["reference"]
+    for name in ("features", "codes", "loss", "n_iter"):
+        np.testing.assert_array_equal(resumed[name], uninterrupted[name])
+    assert int(resumed["n_iter"]) == 12
+    problem = json.loads((tmp_path / "ckpt" / PROBLEM_FILE).read_text())
+    assert problem["source"]["devices"] == SHARDED_DEVICES
 
 
 def test_checkpoint_contents_and_resuming_a_finished_fit(store, tmp_path):

@@ -59,18 +59,21 @@ def sharded_run(tmp_path_factory):
         references["pair"] = SNMF(RANK, solver="mu", sparsity=0.2, init=(F0, G0), **SETTINGS).fit(X)
         for name, X_layer in {"a": X, "b": X[:, ::-1] * 2.0}.items():
             references[f"layer_{name}"] = SNMF(RANK, solver="mu", sparsity=0.2, **SETTINGS).fit(X_layer)
+        for init in ("random", "kmeans"):
+            references[f"streamed_{init}"] = SNMF(RANK, solver="hals", sparsity=0.2, chunk_tokens=64, init=init,
+                                                  **SETTINGS).fit(X)
         worker.finish_workers([process], [log], timeout=480)
     finally:
         worker.kill_workers([process])
     with np.load(folder / "out.npz") as out:
         results = dict(out)
-    return X, X_new, references, results
+    return X, X_new, references, results, folder / "sharded_checkpoint"
 
 
 @pytest.mark.parametrize("mesh", ["4", "8"])
 @pytest.mark.parametrize("solver, sparsity", CASES)
 def test_sharded_fit_equals_single_device(sharded_run, mesh, solver, sparsity):
-    X, _, references, results = sharded_run
+    X, _, references, results, _ = sharded_run
     assert int(results["device_count"]) == 8
     key = f"{mesh}_{case_name(solver, sparsity)}"
     assert results[f"{key}_codes"].shape == (301, RANK)
@@ -80,7 +83,7 @@ def test_sharded_fit_equals_single_device(sharded_run, mesh, solver, sparsity):
 
 @pytest.mark.parametrize("mesh", ["4", "8", "4x2"])
 def test_sharded_transform_and_score(sharded_run, mesh):
-    _, X_new, references, results = sharded_run
+    _, X_new, references, results, _ = sharded_run
     reference = references["hals_sparse"]
     key = f"{mesh}_hals_sparse"
     assert relative(results[f"{key}_transform"], reference.transform(X_new)) < 1e-5
@@ -88,13 +91,13 @@ def test_sharded_transform_and_score(sharded_run, mesh):
 
 
 def test_mesh_with_a_second_axis_shards_rows_over_data_only(sharded_run):
-    X, _, references, results = sharded_run
+    X, _, references, results, _ = sharded_run
     assert_same_fit(results["4x2_hals_sparse_features"], results["4x2_hals_sparse_codes"],
                     results["4x2_hals_sparse_loss"], references["hals_sparse"], float(np.sum(X.astype(np.float64) ** 2)))
 
 
 def test_sharded_svd_and_explicit_starts(sharded_run):
-    X, _, references, results = sharded_run
+    X, _, references, results, _ = sharded_run
     sq = float(np.sum(X.astype(np.float64) ** 2))
     # 296 rows: no padding on 8 devices, so the SVD start is the same as on one device.
     assert relative(results["svd_features"], references["svd"].features_) < 1e-5
@@ -104,15 +107,40 @@ def test_sharded_svd_and_explicit_starts(sharded_run):
 
 
 def test_layers_fitted_together_on_a_mesh(sharded_run):
-    X, _, references, results = sharded_run
+    X, _, references, results, _ = sharded_run
     for name, X_layer in {"a": X, "b": X[:, ::-1] * 2.0}.items():
         assert_same_fit(results[f"layers_{name}_features"], results[f"layers_{name}_codes"],
                         results[f"layers_{name}_loss"], references[f"layer_{name}"],
                         float(np.sum(X_layer.astype(np.float64) ** 2)))
 
 
+def test_sharded_checkpoint_resumes_on_another_mesh_and_on_one_device(sharded_run):
+    """10 iterations on 4 devices, checkpointed; resumed to 15 on 8 devices; then to 20 on one."""
+    X, _, references, results, checkpoint_dir = sharded_run
+    sq_norm_X = float(np.sum(X.astype(np.float64) ** 2))
+    assert_same_fit(results["resumed_features"], results["resumed_codes"], results["resumed_loss"],
+                    references["hals_sparse"], sq_norm_X)
+    longer = dict(SETTINGS, max_iter=20)
+    moved = SNMF(RANK, solver="hals", sparsity=0.2, **longer).fit(X, checkpoint_dir=checkpoint_dir, resume=True)
+    at_once = SNMF(RANK, solver="hals", sparsity=0.2, **longer).fit(X)
+    assert moved.n_iter_ == 20
+    assert_same_fit(moved.features_, moved.codes_, moved.loss_history_, at_once, sq_norm_X)
+
+
+@pytest.mark.parametrize("mesh", ["4", "8"])
+@pytest.mark.parametrize("init", ["random", "kmeans"])
+def test_streamed_fit_over_a_mesh_equals_single_device(sharded_run, mesh, init):
+    """Chunks of 64 rows (the last 45), each split over the mesh: the single-device streamed fit."""
+    X, _, references, results, _ = sharded_run
+    key = f"streamed_{mesh}_{init}"
+    reference = references[f"streamed_{init}"]
+    # 20 Lloyd passes amplify the rounding of the k-means start: its losses get only the absolute check.
+    assert_same_fit(results[f"{key}_features"], results[f"{key}_codes"], results[f"{key}_loss"], reference,
+                    float(np.sum(X.astype(np.float64) ** 2)), loss_rtol=1e-5 if init == "random" else None)
+
+
 def test_mesh_without_data_axis_is_refused(sharded_run):
-    _, _, _, results = sharded_run
+    _, _, _, results, _ = sharded_run
     assert "no 'data' axis" in str(results["bad_mesh_error"])
     one = np.array(jax.devices()[:1])
     with pytest.raises(ValueError, match="no 'data' axis"):
@@ -143,7 +171,7 @@ def test_padding_rows_keep_zero_codes_and_add_nothing(solver):
     plain, plain_losses = run_block(X, sq, initial_state(X, F0, G0), *limits, config=config, block_size=8)
     mesh = one_device_mesh()
     state = state_initializer(mesh)(X_padded, F0, G0_padded)
-    padded, padded_losses = block_runner(mesh, config, 8)(X_padded, sq, state, *limits)
+    padded, padded_losses = block_runner(mesh, config, 8)(X_padded, sq, state, *limits, np.int32(1000))
 
     assert int(padded.iteration) == 8
     assert np.all(np.asarray(padded.G)[40:] == 0.0) and np.all(np.asarray(padded.best_G)[40:] == 0.0)

@@ -1,0 +1,38 @@
+"""Files written whole or not at all: a temporary name in the same directory, fsync, then rename."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any, Callable, IO
+
+TMP_SUFFIX = ".tmp"
+
+
+def atomic_write(path: Path, write: Callable[[IO[bytes]], Any], *, tmp_name: str | None = None) -> None:
+    """Write ``path`` through ``write(file)`` under a temporary name, fsync, then rename over it.
+
+    ``tmp_name`` defaults to ``<name>.tmp``; writers that may race (several hosts sharing a file
+    system) pass a name of their own.
+    """
+    path = Path(path)
+    tmp = path.with_name(tmp_name or path.name + TMP_SUFFIX)
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, value: Any, *, private: bool = False) -> None:
+    """``value`` as indented UTF-8 JSON at ``path``, atomically.
+
+    ``private``: use a temporary name unique to this host and process (for files that processes
+    of a multi-host job may write at the same time).
+    """
+    path = Path(path)
+    data = (json.dumps(value, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
+    tmp_name = f".{path.name}.{socket.gethostname()}-{os.getpid()}{TMP_SUFFIX}" if private else None
+    atomic_write(path, lambda f: f.write(data), tmp_name=tmp_name)
