@@ -11,11 +11,12 @@ configuration in its own child process:
 - ``baseline``: everything but the fit (imports, JAX start-up, opening the store, and compiling
   both fit paths on a tiny slice of the data), to subtract the Python/JAX resident memory.
 
-Seconds per iteration is the slope between two warm fits of different lengths, each the best of
-``--repeats`` (compilation, initialization and transfers cancel). GFLOP/s counts 4·n·d·k per
+Seconds per iteration is the slope between two warm fits of different lengths (``--warm`` and
+``--warm + --iters`` iterations), the median of ``--repeats`` interleaved runs of each (compilation,
+initialization and transfers cancel). GFLOP/s counts 4·n·d·k per
 iteration (the products ``X F`` and ``Xᵀ G``). ``% peak`` is that rate over the device's measured
 matrix-multiply rate (a square float32 — or bfloat16/float16 with float32 accumulation — product of
-``--peak-size``, best of 5, timed in a child). Peak memory is the child's high-water resident set
+``--peak-size``, median of 5, timed in a child). Peak memory is the child's high-water resident set
 (``VmHWM``) minus the baseline child's; the stream's budget is two chunks of X (the one computing,
 the one being read) plus the factors: 8 d×k arrays, 12 chunk×k arrays (a chunk's codes and the
 update's temporaries) and, with ``--codes-in-memory``, G three times (current, next, best). On a GPU
@@ -24,9 +25,11 @@ written), so the stream measures the engine, not the disk.
 
     python benchmarks/bench_scale.py                                   # CPU defaults
     python benchmarks/bench_scale.py --sizes 1048576,4194304 --d 4096 --rank 512 \\
-        --chunk-tokens 131072 --dtypes float32,bfloat16 --device-label h100    # a GPU
+        --chunk-tokens 131072 --dtypes float32,bfloat16 --label h100    # a GPU
 
-Prints a markdown table; does not write RESULTS.md.
+Prints the section and writes it into ``benchmarks/RESULTS.md`` (``--label``; ``--no-write``: print only),
+with the verdict on the CPU targets: streaming at ≥ 70% of the in-memory throughput, and peak memory
+within two chunks plus the factors. Scaling with the number of devices is ``bench_devices.py``.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -83,6 +87,28 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def reset_peak_rss() -> int:
+    """Reset the high-water mark (``VmHWM``) to the current resident set, and return that (Linux)."""
+    import gc
+
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def steady_slope(fit, args, compile_long: bool) -> dict:
+    """:func:`slope`, and the memory the timed (warm) fits add above what the process held before them."""
+    fit(args.warm)  # compile (and the compilers' own memory) before the high-water mark is reset
+    if compile_long:
+        fit(args.warm + args.iters)
+    held = reset_peak_rss()
+    seconds = slope(fit, args.warm, args.warm + args.iters, compile_long=False, repeats=args.repeats, warm=False)
+    return {"seconds": seconds, "steady": peak_rss_bytes() - held}
+
+
 def device_peak_bytes() -> int | None:
     import jax
 
@@ -97,21 +123,30 @@ def model(args, **extra):
                 progress=False, **extra)
 
 
-def best_seconds(fn, repeats: int) -> float:
+def median_seconds(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
         fn()
         times.append(time.perf_counter() - started)
-    return min(times)
+    return float(np.median(times))
 
 
-def slope(fit, short: int, long: int, compile_long: bool, repeats: int) -> float:
-    """Seconds per iteration: the slope between warm fits of ``short`` and ``long`` iterations (best of ``repeats``)."""
-    fit(short)  # compile
+def slope(fit, short: int, long: int, compile_long: bool, repeats: int, warm: bool = True) -> float:
+    """Seconds per iteration: the slope between warm fits of ``short`` and ``long`` iterations.
+
+    Each length is timed ``repeats`` times, interleaved (so slow drifts of a shared machine hit
+    both alike), and the medians are subtracted: start-up, initialization and compilation cancel.
+    """
+    if warm:
+        fit(short)  # compile
     if compile_long:
         fit(long)
-    return (best_seconds(lambda: fit(long), repeats) - best_seconds(lambda: fit(short), repeats)) / (long - short)
+    shorts, longs = [], []
+    for _ in range(repeats):
+        shorts.append(median_seconds(lambda: fit(short), 1))
+        longs.append(median_seconds(lambda: fit(long), 1))
+    return (float(np.median(longs)) - float(np.median(shorts))) / (long - short)
 
 
 def child_peak(args) -> dict:
@@ -127,7 +162,7 @@ def child_peak(args) -> dict:
     B = jax.random.normal(key_b, (size, size), jnp.float32).astype(dtype)
     product = jax.jit(matmul_f32)
     product(A, B).block_until_ready()
-    seconds = best_seconds(lambda: product(A, B).block_until_ready(), 5)
+    seconds = median_seconds(lambda: product(A, B).block_until_ready(), 5)
     return {"gflops": 2 * size**3 / seconds / 1e9, "device": str(jax.devices()[0].device_kind)}
 
 
@@ -152,9 +187,8 @@ def child_memory(args) -> dict:
 
     store = ActivationStore.open(args.store)
     X = jax.device_put(jnp.asarray(store.read(LAYER, raw=True), args.dtype))
-    seconds = slope(lambda iters: model(args, max_iter=iters, dtype=args.dtype).fit(X), args.warm,
-                    args.warm + args.iters, compile_long=True, repeats=args.repeats)
-    return {"seconds": seconds, "peak_rss": peak_rss_bytes(), "device_peak": device_peak_bytes()}
+    result = steady_slope(lambda iters: model(args, max_iter=iters, dtype=args.dtype).fit(X), args, compile_long=True)
+    return dict(result, peak_rss=peak_rss_bytes(), device_peak=device_peak_bytes())
 
 
 def child_stream(args) -> dict:
@@ -162,13 +196,18 @@ def child_stream(args) -> dict:
 
     store = ActivationStore.open(args.store)
     codes = False if args.codes_in_memory else Path(args.store).parent / f"codes-{os.getpid()}"
+    first = {}
+
+    def fit(iters):
+        model(args, max_iter=iters, dtype=args.dtype, codes_on_disk=codes).fit(store)
+        first.setdefault("peak_rss", peak_rss_bytes())  # the first fit, compilation included
+
     try:
-        seconds = slope(lambda iters: model(args, max_iter=iters, dtype=args.dtype, codes_on_disk=codes).fit(store),
-                        args.warm, args.warm + args.iters, compile_long=False, repeats=args.repeats)
+        result = steady_slope(fit, args, compile_long=False)
     finally:
         if codes:
             shutil.rmtree(codes, ignore_errors=True)
-    return {"seconds": seconds, "peak_rss": peak_rss_bytes(), "device_peak": device_peak_bytes()}
+    return dict(result, peak_rss=first["peak_rss"], device_peak=device_peak_bytes())
 
 
 CHILDREN = {"peak": child_peak, "baseline": child_baseline, "memory": child_memory, "stream": child_stream}
@@ -207,9 +246,11 @@ def main() -> None:
     parser.add_argument("--dtypes", default="float32", help="X dtypes: float32,bfloat16,float16")
     parser.add_argument("--solver", default="mu", choices=["mu", "hals"])
     parser.add_argument("--sparsity", type=float, default=0.01)
-    parser.add_argument("--iters", type=int, default=3, help="iterations between the two timed fits")
-    parser.add_argument("--warm", type=int, default=1, help="iterations of the shorter timed fit")
-    parser.add_argument("--repeats", type=int, default=2, help="each timed fit is the best of this many")
+    parser.add_argument("--iters", type=int, default=8, help="iterations between the two timed fits")
+    parser.add_argument("--warm", type=int, default=2, help="iterations of the shorter timed fit")
+    parser.add_argument("--repeats", type=int, default=3, help="each timed fit is the median of this many")
+    parser.add_argument("--label", default=None, help="RESULTS.md section label (default: the device)")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     parser.add_argument("--malloc-mmap-threshold", type=int, default=0,
                         help="glibc MALLOC_MMAP_THRESHOLD_ for the children (e.g. 1048576: freed buffers go back "
                              "to the OS at once instead of fragmenting the heap); 0 = glibc's default")
@@ -239,7 +280,8 @@ def main() -> None:
                                 capture_output=True, text=True).stdout.strip() not in ("cpu", "")
         args.peak_size = 8192 if on_gpu else 4096
     header = ["n", "X dtype", "mode", "s / iter", "GFLOP/s", "% matmul peak", "stream / memory",
-              "fit memory MiB", "= chunks of X", "stream budget MiB", "device peak MiB"]
+              "steady fit memory MiB", "= chunks of X", "stream budget MiB", "first fit memory MiB",
+              "device peak MiB"]
     table = []
     peaks = {}
     label = args.device_label
@@ -269,29 +311,49 @@ def main() -> None:
                     r = results[mode]
                     rate = flops / r["seconds"] / 1e9
                     ratio = results["memory"]["seconds"] / r["seconds"]
-                    used = r["peak_rss"] - baseline
+                    steady = r["steady"]
                     table.append([f"{n:,}", dtype, mode, f"{r['seconds']:.3f}", f"{rate:,.1f}",
                                   f"{100 * rate / peaks[dtype]:.0f}%", f"{ratio:.2f}" if mode == "stream" else "",
-                                  mib(used), f"{used / chunk:.1f}", mib(2 * chunk + factors) if mode == "stream" else "",
-                                  mib(r.get("device_peak"))])
+                                  mib(steady), f"{steady / chunk:.1f}",
+                                  mib(2 * chunk + factors) if mode == "stream" else "",
+                                  mib(r["peak_rss"] - baseline), mib(r.get("device_peak"))])
                     print(" | ".join(table[-1]), file=sys.stderr, flush=True)
     finally:
         if args.workdir is None and not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
 
-    print(f"\n### bench_scale — {label}\n")
-    print(f"d = {args.d}, k = {args.rank}, solver {args.solver}, sparsity {args.sparsity}, "
-          f"chunks of {args.chunk_tokens:,} tokens, G {'in memory' if args.codes_in_memory else 'on disk'} "
-          f"when streaming; matmul peak "
-          + ", ".join(f"{dt} {p:,.1f} GFLOP/s" for dt, p in peaks.items()) + f" ({args.peak_size}³).\n")
-    from common import markdown_table  # noqa: E402  (benchmarks/common.py)
+    from common import markdown_table, write_section  # noqa: E402  (benchmarks/common.py)
 
-    print(markdown_table(header, table))
     malloc = (f"MALLOC_MMAP_THRESHOLD_={args.malloc_mmap_threshold}" if args.malloc_mmap_threshold
               else "glibc's default malloc")
-    print(f"\nfit memory = the child's peak resident set (VmHWM) minus that of a child doing everything "
-          f"but the fit ({malloc}); stream budget = 2 chunks of X + 8 d×k + 12 chunk×k float32 arrays"
-          f"{' + 3 n×k (G)' if args.codes_in_memory else ''}. Timings: best of {args.repeats}.")
+    ratios = [float(row[6]) for row in table if row[2] == "stream"]
+    within = [float(row[7].replace(",", "")) <= float(row[9].replace(",", "")) for row in table if row[2] == "stream"]
+    text = "\n".join([
+        f"### Scaling with n, in memory and streamed from disk (`bench_scale.py`), {label}",
+        "",
+        f"d = {args.d}, k = {args.rank}, solver {args.solver}, sparsity {args.sparsity}, "
+        f"chunks of {args.chunk_tokens:,} tokens, G {'in memory' if args.codes_in_memory else 'on disk'} "
+        f"when streaming; matmul peak "
+        + ", ".join(f"{dt} {p:,.1f} GFLOP/s" for dt, p in peaks.items()) + f" ({args.peak_size}³).",
+        "",
+        markdown_table(header, table),
+        "",
+        f"s / iter: slope between fits of {args.warm} and {args.warm + args.iters} iterations, medians of "
+        f"{args.repeats} interleaved runs each. steady fit memory = the highest resident set (VmHWM) during "
+        f"the timed fits minus the resident set before them (the high-water mark reset after a first fit "
+        f"compiled everything): what a fit adds to the process, X of the in-memory fit excluded since it was "
+        f"loaded before. first fit memory = the peak of the child's first fit (compilation included) minus "
+        f"that of a child doing everything but the fit ({malloc}). stream budget = 2 chunks of X + 8 d×k + 12 "
+        f"chunk×k float32 arrays{' + 3 n×k (G)' if args.codes_in_memory else ''}.",
+        "",
+        f"Targets: streaming at ≥ 70% of the in-memory throughput: "
+        f"{'met' if min(ratios) >= 0.7 else 'MISSED'} (stream / memory {min(ratios):.2f}–{max(ratios):.2f}); "
+        f"peak memory ≤ 2 chunks + factors: {'met' if all(within) else 'MISSED'} "
+        f"({sum(within)}/{len(within)} sizes within the budget, steady fit memory).",
+    ])
+    print(text)
+    if not args.no_write:
+        write_section("bench_scale", args.label or re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-"), text)
 
 
 if __name__ == "__main__":

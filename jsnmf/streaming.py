@@ -641,10 +641,12 @@ class Chunk:
 
 
 def stream_chunks(plan: StreamPlan, placement: Placement, steps: int | None = None,
-                  codes: Callable[[int, int], np.ndarray] | None = None) -> Iterator[Chunk]:
+                  codes: Callable[[int, int], np.ndarray] | None = None, collect: bool = True) -> Iterator[Chunk]:
     """Yield ``steps`` chunks in order (default: the plan's); a background thread reads and places the next one.
 
     ``codes(start, stop)``, when given, is called in the same thread for the chunk's codes (padded).
+    ``collect``: run the garbage collector after the first chunk (needed in the passes that compile
+    the per-chunk steps, see below; it costs tens of milliseconds, so later passes skip it).
     Steps past this process's last chunk (other processes have more) are zero chunks. When the
     consumer asks for the next chunk it is done with the previous one, whose arrays are dropped
     here before the following read starts: with a consumer that waits for each chunk's result, at
@@ -675,7 +677,7 @@ def stream_chunks(plan: StreamPlan, placement: Placement, steps: int | None = No
                 chunk = future.result()
                 if previous is not None:
                     previous.X = previous.G = None
-                    if index == 1:
+                    if index == 1 and collect:
                         # The first call of a compiled function keeps its arguments alive until the
                         # next garbage collection: collect once, before the third chunk is read.
                         gc.collect()
@@ -763,9 +765,13 @@ class StreamedFit:
         self.work_dir = work_dir
         self.tokens_per_second = float("nan")
         self._codes_buffers = BufferPool((plan.chunk_rows, self.k), np.float32)
+        self._compiled: set[str] = set()
 
-    def chunks(self, codes=None) -> Iterator[Chunk]:
-        return stream_chunks(self.plan, self.placement, self.steps, codes)
+    def chunks(self, step: str, codes=None) -> Iterator[Chunk]:
+        """A pass over the chunks for ``step``; the first pass of a step compiles it (see ``collect``)."""
+        first = step not in self._compiled
+        self._compiled.add(step)
+        return stream_chunks(self.plan, self.placement, self.steps, codes, collect=first)
 
     def sample_rows(self, indices) -> np.ndarray:
         """Rows ``indices`` of the global ``X`` as float32, on every process (a collective)."""
@@ -833,7 +839,7 @@ class StreamedFit:
             _stage(bar, f"init k-means {it + 1}/{KMEANS_ITERS}")
             acc = self.placement.replicate(np.zeros((self.k, self.d), np.float32)), \
                 self.placement.replicate(np.zeros((self.k,), np.float32))
-            for c in self.chunks():
+            for c in self.chunks("kmeans"):
                 acc = jax.block_until_ready(_kmeans_accumulate(c.X, centroids, c.valid, acc, dtype=self.dtype))
             sums, counts = acc
             centroids = jnp.where(counts[:, None] > 0, sums / jnp.maximum(counts, 1.0)[:, None], centroids)
@@ -845,18 +851,18 @@ class StreamedFit:
         for it in range(SVD_POWER_ITERS + 1):
             _stage(bar, f"init svd {it + 1}/{SVD_POWER_ITERS + 3}")
             Z = self.placement.replicate(np.zeros((self.d, width), np.float32))
-            for c in self.chunks():
+            for c in self.chunks("svd power"):
                 Z = jax.block_until_ready(_gram_times(c.X, V, Z, dtype=self.dtype))
             V, _ = jnp.linalg.qr(Z)
         _stage(bar, f"init svd {SVD_POWER_ITERS + 2}/{SVD_POWER_ITERS + 3}")
         H = self.placement.replicate(np.zeros((width, width), np.float32))
-        for c in self.chunks():
+        for c in self.chunks("svd ritz"):
             H = jax.block_until_ready(_projected_gram(c.X, V, H, dtype=self.dtype))
         _, W = jnp.linalg.eigh(H)  # ascending; the top k Ritz vectors are the last columns
         V = V @ W[:, ::-1][:, : self.k]
         _stage(bar, f"init svd {SVD_POWER_ITERS + 3}/{SVD_POWER_ITERS + 3}")
         masses = self.placement.replicate(np.zeros((4, self.k), np.float32))
-        for c in self.chunks():
+        for c in self.chunks("svd signs"):
             masses = jax.block_until_ready(_sign_masses(c.X, V, masses, dtype=self.dtype))
         pos_sq, neg_sq, pos_sum, neg_sum = masses
         sign = jnp.where(pos_sq >= neg_sq, 1.0, -1.0)
@@ -893,7 +899,7 @@ class StreamedFit:
         acc = (self._zero_statistics(), self.placement.replicate(np.float32(0.0)))
         finite = []
         reader = self._initial_arrays() if make_codes is None else None
-        for c in self.chunks(reader):
+        for c in self.chunks("initialize", reader):
             G = c.G if make_codes is None else make_codes(c)
             acc, ok = _initial_statistics(c.X, G, acc, dtype=self.dtype)
             finite.append(ok)
@@ -951,10 +957,14 @@ class StreamedFit:
                 F, scale, Q = _features(stats.XtG, stats.GtG, config=self.config)
                 acc = self._zero_statistics()
                 reader = self._read_codes(current, copy_to=best if best_is_current else None)
-                for c in self.chunks(reader):
+                written = None  # the previous chunk's new codes, written while this chunk computes
+                for c in self.chunks("iterate", reader):
                     G, acc = _codes_chunk(c.X, c.G, F, Q, scale, acc, config=self.config, dtype=self.dtype)
+                    if written is not None:
+                        _write_back(following, *written)
                     jax.block_until_ready(acc)  # done with this chunk of X (see stream_chunks)
-                    _write_back(following, c.start, c.stop, self.placement.local(G))
+                    written = (c.start, c.stop, self.placement.local(G))
+                _write_back(following, *written)
                 loss = np.float32(replicated_value(_loss(sq_device, acc, Q)))
                 self.tokens_per_second = self.n / (time.perf_counter() - started)
                 history.append(loss)
