@@ -49,6 +49,7 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -76,6 +77,7 @@ RAW_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
               "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 SVD_OVERSAMPLE, SVD_POWER_ITERS = 10, 2
 KMEANS_ITERS, KMEANS_OFFSET = 20, 0.2
+RELEASE_WAIT_SECONDS = 0.05  # longest wait for JAX to let go of a released chunk's host buffer
 
 
 class ChunkSource(Protocol):
@@ -654,12 +656,20 @@ def stream_chunks(plan: StreamPlan, placement: Placement, steps: int | None = No
     """
     count = len(plan.bounds) if steps is None else steps
     zeros = None
+    held: list[weakref.ref] = []  # the host buffers of the chunks handed to the device, oldest first
 
     def load(index: int) -> Chunk:
         nonlocal zeros
+        # JAX lets go of a host buffer it shared (CPU) shortly after the chunk is released, in the
+        # background: wait for that (briefly) so that a third chunk never joins the two in use.
+        deadline = time.monotonic() + RELEASE_WAIT_SECONDS
+        while len(held) >= 2 and held[0]() is not None and time.monotonic() < deadline:
+            time.sleep(0.0005)
+        held[:] = [ref for ref in held if ref() is not None][-1:]
         if index < len(plan.bounds):
             start, stop = (bound - plan.offset for bound in plan.bounds[index])
             X = plan.load(index)
+            held.append(weakref.ref(X))
         else:
             start = stop = plan.rows
             if zeros is None:
@@ -676,7 +686,7 @@ def stream_chunks(plan: StreamPlan, placement: Placement, steps: int | None = No
             for index in range(count):
                 chunk = future.result()
                 if previous is not None:
-                    previous.X = previous.G = None
+                    _release(previous)
                     if index == 1 and collect:
                         # The first call of a compiled function keeps its arguments alive until the
                         # next garbage collection: collect once, before the third chunk is read.
@@ -688,8 +698,18 @@ def stream_chunks(plan: StreamPlan, placement: Placement, steps: int | None = No
             if future is not None:
                 future.cancel()
             if previous is not None:  # the consumer's loop variable would keep the last chunk alive
-                previous.X = previous.G = None
+                _release(previous)
             plan.release_buffers()  # a store's full chunks are mapped; the pool only served the short one
+
+
+def _release(chunk: Chunk) -> None:
+    """Free a chunk the consumer is done with, now: on the CPU its arrays share the host buffers (a
+    chunk file's mapping), which JAX would otherwise let go of only some time later."""
+    for name in ("X", "G", "valid"):
+        array = getattr(chunk, name)
+        if isinstance(array, jax.Array) and not array.is_deleted():
+            array.delete()
+        setattr(chunk, name, None)
 
 
 @dataclass
