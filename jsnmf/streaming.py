@@ -15,8 +15,9 @@ Where things live:
   precision (float32, float16 or bfloat16), and puts it on the device while the current chunk
   computes: a whole chunk file of a store (or rows of a memmap's file) is memory-mapped with its
   pages read in, anything else is read into one of two reused page-aligned buffers (zero-padded).
-  On the CPU ``jax.device_put`` shares such aligned host memory instead of copying it, so about two
-  chunks are in memory at a time and no chunk is copied on the host.
+  On the CPU ``jax.device_put`` shares such aligned host memory instead of copying it, so two
+  chunks are in use at a time (briefly a third, while JAX lets go of a finished chunk's buffer)
+  and no chunk is copied on the host.
 - Every chunk is padded to the same number of rows with zero rows and zero codes (a zero row with
   zero codes keeps zero codes under both solvers and adds nothing to the statistics), so each
   per-chunk step compiles once.
@@ -49,7 +50,6 @@ import sys
 import tempfile
 import threading
 import time
-import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -77,7 +77,6 @@ RAW_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
               "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 SVD_OVERSAMPLE, SVD_POWER_ITERS = 10, 2
 KMEANS_ITERS, KMEANS_OFFSET = 20, 0.2
-RELEASE_WAIT_SECONDS = 0.05  # longest wait for JAX to let go of a released chunk's host buffer
 
 
 class ChunkSource(Protocol):
@@ -650,26 +649,18 @@ def stream_chunks(plan: StreamPlan, placement: Placement, steps: int | None = No
     ``collect``: run the garbage collector after the first chunk (needed in the passes that compile
     the per-chunk steps, see below; it costs tens of milliseconds, so later passes skip it).
     Steps past this process's last chunk (other processes have more) are zero chunks. When the
-    consumer asks for the next chunk it is done with the previous one, whose arrays are dropped
-    here before the following read starts: with a consumer that waits for each chunk's result, at
-    most two chunks are held (the one computing, the one being read).
+    consumer asks for the next chunk it is done with the previous one, whose arrays are deleted
+    here before the following read starts: with a consumer that waits for each chunk's result, two
+    chunks are in use (the one computing, the one being read).
     """
     count = len(plan.bounds) if steps is None else steps
     zeros = None
-    held: list[weakref.ref] = []  # the host buffers of the chunks handed to the device, oldest first
 
     def load(index: int) -> Chunk:
         nonlocal zeros
-        # JAX lets go of a host buffer it shared (CPU) shortly after the chunk is released, in the
-        # background: wait for that (briefly) so that a third chunk never joins the two in use.
-        deadline = time.monotonic() + RELEASE_WAIT_SECONDS
-        while len(held) >= 2 and held[0]() is not None and time.monotonic() < deadline:
-            time.sleep(0.0005)
-        held[:] = [ref for ref in held if ref() is not None][-1:]
         if index < len(plan.bounds):
             start, stop = (bound - plan.offset for bound in plan.bounds[index])
             X = plan.load(index)
-            held.append(weakref.ref(X))
         else:
             start = stop = plan.rows
             if zeros is None:
@@ -703,8 +694,12 @@ def stream_chunks(plan: StreamPlan, placement: Placement, steps: int | None = No
 
 
 def _release(chunk: Chunk) -> None:
-    """Free a chunk the consumer is done with, now: on the CPU its arrays share the host buffers (a
-    chunk file's mapping), which JAX would otherwise let go of only some time later."""
+    """Delete the arrays of a chunk the consumer is done with, rather than wait for garbage collection.
+
+    On the CPU a chunk's array shares its host buffer (a chunk file's mapping); even after this,
+    JAX lets go of that buffer asynchronously, so a third mapping can briefly overlap the two in use
+    (benchmarks/RESULTS.md, bench_scale).
+    """
     for name in ("X", "G", "valid"):
         array = getattr(chunk, name)
         if isinstance(array, jax.Array) and not array.is_deleted():
