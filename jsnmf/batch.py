@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jsnmf.distributed import replicated_value
-from jsnmf.estimator import SNMF, STORAGE_DTYPES, _drive_blocks, validate_matrix
+from jsnmf.estimator import SNMF, STORAGE_DTYPES, _drive_blocks
+from jsnmf.validation import validate_matrix
 from jsnmf.kernels.fit import initial_state
 from jsnmf.kernels.sharded import batched_block_runner, block_runner, squared_norm, state_initializer
 from jsnmf.blas import single_threaded_lapack

@@ -89,6 +89,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jsnmf.kernels.sharded import DATA, check_mesh
+from jsnmf.validation import validate_matrix
 
 __all__ = [
     "initialize", "default_mesh", "RowLayout", "ShardedRows", "global_rows", "process_rows",
@@ -287,8 +288,6 @@ def global_rows(X_local, mesh: Mesh | None = None, dtype: Any = np.float32, name
     they are checked (2-D floats, finite) on every process before anything is exchanged, so bad
     input raises a ``ValueError`` everywhere instead of hanging. ``dtype`` is the storage precision.
     """
-    from jsnmf.estimator import validate_matrix
-
     mesh = default_mesh() if mesh is None else check_mesh(mesh)
     error, n_rows, n_columns = None, 0, 0
     try:

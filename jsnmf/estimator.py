@@ -21,6 +21,7 @@ import numpy as np
 
 from jsnmf import __version__
 from jsnmf.blas import single_threaded_lapack
+from jsnmf.validation import validate_matrix
 from jsnmf.kernels.fit import SOLVERS, SolverConfig, initial_state, run_block, solve_codes
 from jsnmf.kernels.init import INITIALIZERS
 from jsnmf.kernels.steps import chunk_statistics, keep_count, matmul_f32
@@ -38,30 +39,6 @@ ARRAYS = "arrays"
 
 # Precisions X may be held in on the device; products always accumulate in float32.
 STORAGE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-def validate_matrix(X: Any, name: str = "X") -> np.ndarray | jax.Array:
-    """Check that ``X`` is a finite, non-empty 2-D float matrix; return it as an array.
-
-    NumPy and JAX arrays (float64/32/16, bfloat16) are accepted; anything else raises a
-    ``ValueError`` that names the problem.
-    """
-    if not isinstance(X, (np.ndarray, jax.Array)):
-        try:
-            X = np.asarray(X)
-        except Exception as err:  # ragged lists and the like
-            raise ValueError(f"{name} must be a 2-D array of floats; got {type(X).__name__}") from err
-    if X.ndim != 2:
-        raise ValueError(f"{name} must be 2-D (n_tokens, d_mlp); got {X.ndim} dimension(s), shape {X.shape}")
-    if X.shape[0] == 0 or X.shape[1] == 0:
-        raise ValueError(f"{name} is empty: shape {X.shape}")
-    if not jnp.issubdtype(X.dtype, jnp.floating):
-        raise ValueError(f"{name} must hold floats (float32, float16 or bfloat16); got dtype {X.dtype}")
-    finite = np.isfinite(X).all() if isinstance(X, np.ndarray) else bool(jnp.isfinite(X).all())
-    if not finite:
-        bad = np.argwhere(~np.isfinite(np.asarray(X, dtype=np.float32)))[0]
-        raise ValueError(f"{name} contains NaN or Inf (first at row {bad[0]}, column {bad[1]})")
-    return X
 
 
 class SNMF:

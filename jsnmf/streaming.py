@@ -71,6 +71,7 @@ from jsnmf.kernels.steps import (
     loss_from_statistics,
     matmul_f32,
 )
+from jsnmf.validation import check_matrix_layout
 
 DEFAULT_CHUNK_TOKENS = 65536
 RAW_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
@@ -182,12 +183,7 @@ class ArraySource:
     layers = None
 
     def __init__(self, X, chunk_tokens: int | None = None):
-        if X.ndim != 2:
-            raise ValueError(f"X must be 2-D (n_tokens, d_mlp); got {X.ndim} dimension(s), shape {X.shape}")
-        if X.shape[0] == 0 or X.shape[1] == 0:
-            raise ValueError(f"X is empty: shape {X.shape}")
-        if not jnp.issubdtype(X.dtype, jnp.floating):
-            raise ValueError(f"X must hold floats (float32, float16 or bfloat16); got dtype {X.dtype}")
+        check_matrix_layout(X)  # values are checked chunk by chunk as they stream
         self.X = X
         self.n_tokens, self.d_mlp = (int(s) for s in X.shape)
         name = np.dtype(X.dtype).name
