@@ -15,9 +15,9 @@ Where things live:
   precision (float32, float16 or bfloat16), and puts it on the device while the current chunk
   computes: a whole chunk file of a store (or rows of a memmap's file) is memory-mapped with its
   pages read in, anything else is read into one of two reused page-aligned buffers (zero-padded).
-  On the CPU ``jax.device_put`` shares such aligned host memory instead of copying it, so two
-  chunks are in use at a time (briefly a third, while JAX lets go of a finished chunk's buffer)
-  and no chunk is copied on the host.
+  On the CPU ``jax.device_put`` shares such aligned host memory instead of copying it, so no
+  chunk is copied on the host; the reader maps or fills a chunk only once fewer than two are
+  still held, JAX's references included (:class:`HostChunks`), so two chunks are in use at a time.
 - Every chunk is padded to the same number of rows with zero rows and zero codes (a zero row with
   zero codes keeps zero codes under both solvers and adds nothing to the statistics), so each
   per-chunk step compiles once.
@@ -105,6 +105,46 @@ def aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
     return np.frombuffer(buffer, dtype, count=int(np.prod(shape))).reshape(shape)
 
 
+def _drain_released_host_buffers() -> None:
+    """Let JAX drop the host buffers it has finished with.
+
+    JAX lets go of a host buffer it shared (``device_put`` of aligned memory on the CPU) or copied
+    from (a GPU) on one of its own threads, after the computations using it are done; without the
+    GIL that thread only queues the Python release, which runs at JAX's next garbage collection
+    hook. Measured here: a deleted chunk's file stayed mapped for more than 100 ms, so a third chunk
+    was resident beside the two in use (benchmarks/RESULTS.md, bench_scale). Running the hook while
+    waiting releases it within milliseconds.
+    """
+    try:
+        from jax._src.lib import _jax  # the hook is private; Python's collector calls it too
+
+        collect = _jax.collect_garbage
+    except (ImportError, AttributeError):
+        collect = gc.collect
+    collect()
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 2.0) -> bool:
+    """Poll ``condition`` while JAX releases the host buffers it is done with; False on timeout.
+
+    After 50 ms a full garbage collection runs once: the first call of a compiled function keeps
+    its arguments alive until then.
+    """
+    started = time.perf_counter()
+    collected = False
+    while not condition():
+        waited = time.perf_counter() - started
+        if waited > timeout:
+            return False
+        if waited > 0.05 and not collected:
+            gc.collect()
+            collected = True
+        else:
+            _drain_released_host_buffers()
+        time.sleep(0.0005)
+    return True
+
+
 class _PooledBuffer:
     """One buffer of a :class:`BufferPool`, with the reference counts it has when nobody uses it."""
 
@@ -125,15 +165,15 @@ class _PooledBuffer:
 
 
 class BufferPool:
-    """Reusable page-aligned host buffers of one shape, for arrays handed to ``jax.device_put``.
+    """At most ``keep`` reusable page-aligned host buffers of one shape, for arrays handed to ``jax.device_put``.
 
     A fresh buffer costs a page fault per 4 KiB page (≈ 80 ms for 64 MiB on a small VM, as long as the
     product it feeds); reusing two buffers turn about avoids that. On the CPU ``device_put`` shares
     an aligned buffer instead of copying it, and on a GPU the copy may still be in flight when it
     returns; either way JAX holds a reference to the array (or a base of it) while it needs the
     memory. A buffer is handed out again only when the reference counts of it and its bases are
-    back to their idle values; otherwise a fresh buffer is allocated, so reuse never overwrites data
-    that is still in use.
+    back to their idle values; :meth:`take` waits for that (:func:`wait_until`), so reuse never
+    overwrites data in use and no third buffer is allocated unless JAX holds on for seconds.
     """
 
     def __init__(self, shape: tuple[int, ...], dtype, keep: int = 2):
@@ -141,10 +181,16 @@ class BufferPool:
         self._buffers: list[_PooledBuffer] = []
         self._lock = threading.Lock()
 
-    def clear(self) -> None:
-        """Let go of the buffers (they are freed once nothing else uses them)."""
+    def clear(self) -> list[np.ndarray]:
+        """Let go of the buffers (they are freed once nothing else uses them); returns them."""
         with self._lock:
-            self._buffers = []
+            buffers, self._buffers = [pooled.array for pooled in self._buffers], []
+        return buffers
+
+    def busy(self) -> int:
+        """How many of the pool's buffers are in use."""
+        with self._lock:
+            return sum(not pooled.is_idle() for pooled in self._buffers)
 
     def _idle(self) -> np.ndarray | None:
         return next((pooled.array for pooled in self._buffers if pooled.is_idle()), None)
@@ -152,20 +198,67 @@ class BufferPool:
     def take(self) -> np.ndarray:
         """A buffer of the pool's shape (contents undefined) that nothing else uses."""
         with self._lock:
-            idle = self._idle()
-            if idle is None and len(self._buffers) >= self.keep:
-                # The first call of a compiled function keeps its arguments alive until the next
-                # garbage collection; collect rather than allocate a chunk more.
-                gc.collect()
-                idle = self._idle()
-            if idle is not None:
-                return idle
-            if len(self._buffers) >= self.keep:
-                return aligned_empty(self.shape, self.dtype)
-            pooled = _PooledBuffer(aligned_empty(self.shape, self.dtype))
-            pooled.idle = pooled.counts()  # measured with no reference but the pool's
-            self._buffers.append(pooled)
-            return pooled.array
+            if len(self._buffers) < self.keep and self._idle() is None:
+                pooled = _PooledBuffer(aligned_empty(self.shape, self.dtype))
+                pooled.idle = pooled.counts()  # measured with no reference but the pool's
+                self._buffers.append(pooled)
+                return pooled.array
+            if wait_until(lambda: self._idle() is not None):
+                return self._idle()
+            return aligned_empty(self.shape, self.dtype)  # JAX still holds them all: never overwrite
+
+
+class HostChunks:
+    """The chunks of ``X`` handed to JAX from host memory, at most ``keep`` at once.
+
+    A chunk lives in a :class:`BufferPool` buffer (busy while its reference counts are above idle)
+    or in a mapping of its file, kept here and unmapped here as soon as no array uses it any more
+    (``mmap.close`` refuses while one does), so that the unmapping is done before the next chunk is
+    mapped; buffers the pool lets go of are followed the same way. :meth:`wait_for_room` comes
+    before each new chunk.
+    """
+
+    def __init__(self, shape: tuple[int, ...], dtype, keep: int = 2):
+        self.keep = keep
+        self.pool = BufferPool(shape, dtype, keep)
+        self._mappings: list[mmap.mmap] = []  # file mappings, and buffers out of the pool
+        self._lock = threading.Lock()  # the reader adds chunks; the consumer clears between passes
+
+    def _in_use(self) -> int:
+        with self._lock:
+            self._mappings = [mapping for mapping in self._mappings if not _unmap_if_unused(mapping)]
+            return len(self._mappings) + self.pool.busy()
+
+    def wait_for_room(self) -> None:
+        wait_until(lambda: self._in_use() < self.keep)  # on timeout go on: memory, not correctness
+
+    def mapped(self, array: np.ndarray) -> np.ndarray:
+        with self._lock:
+            self._mappings.append(_mapping_of(array))  # map_rows: always over a memory map
+        return array
+
+    def clear(self) -> None:
+        """Free the pool's buffers (between passes): unmapped once JAX lets go of them too."""
+        with self._lock:
+            self._mappings += [mapping for mapping in map(_mapping_of, self.pool.clear()) if mapping is not None]
+        self._in_use()
+
+
+def _mapping_of(array: np.ndarray) -> mmap.mmap | None:
+    """The memory map under ``array`` (None for an empty array, which has none)."""
+    owner: Any = array
+    while isinstance(owner, np.ndarray):
+        owner = owner.base
+    owner = owner.obj if isinstance(owner, memoryview) else owner
+    return owner if isinstance(owner, mmap.mmap) else None
+
+
+def _unmap_if_unused(mapping: mmap.mmap) -> bool:
+    try:
+        mapping.close()  # a BufferError while an array (JAX's included) still uses the memory
+    except BufferError:
+        return False
+    return True
 
 
 def regular_bounds(n: int, rows: int) -> list[tuple[int, int]]:
@@ -308,7 +401,7 @@ class StreamPlan:
     def round_chunk_rows(self, multiple: int) -> None:
         """Pad every chunk to a multiple of ``multiple`` rows (one share per device)."""
         self.chunk_rows = -(-self.chunk_rows // multiple) * multiple
-        self._buffers = BufferPool((self.chunk_rows, self.d), self.raw_dtype)
+        self._host = HostChunks((self.chunk_rows, self.d), self.raw_dtype)
 
     def __post_init__(self):
         store_locator = _store_chunk_locator(self.source, self.layer, self.raw_dtype.itemsize)
@@ -318,19 +411,21 @@ class StreamPlan:
             self._locate = lambda start, stop: self.source.locate(self.layer, start, stop)
         else:
             self._locate = lambda start, stop: None
-        self._buffers = BufferPool((self.chunk_rows, self.d), self.raw_dtype)
+        self._host = HostChunks((self.chunk_rows, self.d), self.raw_dtype)
 
     def load(self, index: int) -> np.ndarray:
         """Chunk ``index`` in the raw dtype, zero-padded to ``chunk_rows`` rows.
 
         A full chunk that lies in a file is mapped (no copy); otherwise the rows are read into a
-        pooled aligned buffer and the padding rows zeroed.
+        pooled aligned buffer and the padding rows zeroed. Waits until fewer than two chunks are
+        still held (:class:`HostChunks`).
         """
         start, stop = self.bounds[index]
         located = self._locate(start, stop)
+        self._host.wait_for_room()
         if located is not None and stop - start == self.chunk_rows:
-            return map_rows(located[0], located[1], (stop - start, self.d), self.raw_dtype)
-        out = self._buffers.take()
+            return self._host.mapped(map_rows(located[0], located[1], (stop - start, self.d), self.raw_dtype))
+        out = self._host.pool.take()
         if located is not None:
             _pread_exact(located[0], memoryview(out[: stop - start].reshape(-1).view(np.uint8)), located[1])
         else:
@@ -344,7 +439,7 @@ class StreamPlan:
 
     def release_buffers(self) -> None:
         """Free the pooled chunk buffers between passes (reallocated on the next pass if needed)."""
-        self._buffers.clear()
+        self._host.clear()
 
     def read_rows(self, start: int, stop: int) -> np.ndarray:
         """``X[start:stop]`` as float32 (for fingerprints and k-means seeds)."""
@@ -693,8 +788,7 @@ def _release(chunk: Chunk) -> None:
     """Delete the arrays of a chunk the consumer is done with, rather than wait for garbage collection.
 
     On the CPU a chunk's array shares its host buffer (a chunk file's mapping); even after this,
-    JAX lets go of that buffer asynchronously, so a third mapping can briefly overlap the two in use
-    (benchmarks/RESULTS.md, bench_scale).
+    JAX lets go of that buffer asynchronously, which the reader waits for (:class:`HostChunks`).
     """
     for name in ("X", "G", "valid"):
         array = getattr(chunk, name)

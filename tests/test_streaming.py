@@ -204,3 +204,46 @@ def test_bad_streamed_data_is_reported(tmp_path):
 def test_bad_streaming_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SNMF(3, **kwargs)
+
+
+def test_a_pass_holds_at_most_two_chunks_of_x(data):
+    """The reader maps the next chunk file only once JAX has let go of the one before the last."""
+    _, _, store, _ = data
+    plan = streaming.make_plan(store, LAYER, force=True)
+    chunk_files = {str(store.chunk_path(LAYER, i)) for i in range(len(store.chunk_bounds))}
+    mapped_counts = []
+    for _ in range(3):
+        for chunk in streaming.stream_chunks(plan, streaming.Placement(None, plan)):
+            jax.block_until_ready(jnp.sum(chunk.X.astype(jnp.float32)))  # use the chunk, as a step does
+            with open("/proc/self/maps") as maps:
+                mapped_counts.append(len({line.split()[-1] for line in maps} & chunk_files))
+    assert len(mapped_counts) == 3 * len(store.chunk_bounds)
+    assert max(mapped_counts) <= 2 and min(mapped_counts) >= 1
+
+
+def test_host_chunks_wait_for_jax_to_let_go(tmp_path):
+    import threading
+    import time
+
+    path = tmp_path / "rows.npy"
+    np.save(path, np.arange(64 * 16, dtype=np.float32).reshape(64, 16))
+    offset = streaming._npy_data_offset(path)[0]
+    host = streaming.HostChunks((64, 16), np.float32, keep=2)
+    first = host.mapped(streaming.map_rows(path, offset, (64, 16), np.float32))
+    held = jax.device_put(host.mapped(streaming.map_rows(path, offset, (64, 16), np.float32)))
+    del first  # the first mapping is unused now: unmapped while waiting
+    released = []
+
+    def let_go():
+        time.sleep(0.2)
+        released.append(time.perf_counter())
+        held.delete()
+
+    threading.Thread(target=let_go).start()
+    host.wait_for_room()  # room for one more: the first is gone, the second still used
+    assert not released and host._in_use() == 1
+    third = host.mapped(streaming.map_rows(path, offset, (64, 16), np.float32))
+    host.wait_for_room()  # two in use until the JAX array is deleted
+    assert released and time.perf_counter() >= released[0]
+    assert host._in_use() == 1
+    np.testing.assert_array_equal(third[1], np.arange(16, 32))
