@@ -1,7 +1,8 @@
 """One configuration type for every supported family, parsed from a Hugging Face ``config.json``.
 
 The parser reads both the hub form (``rope_theta`` / ``rope_scaling``) and the form transformers v5
-``save_pretrained`` writes (``rope_parameters``). Settings the ports do not implement raise a
+``save_pretrained`` writes (``rope_parameters``, per layer type for Gemma 3). A multimodal ``gemma3``
+config is read through its ``text_config``. Settings the ports do not implement raise a
 ``ValueError`` instead of silently producing wrong numbers.
 """
 from __future__ import annotations
@@ -10,7 +11,7 @@ import dataclasses
 import math
 from typing import Any, Mapping
 
-SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "gemma", "gemma2")
+SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "gemma", "gemma2", "gemma3_text", "gemma3")
 
 # HF activation names → the activation the port computes. "gelu" for Gemma 1 is the legacy name of
 # the tanh approximation (transformers rewrites it the same way, see configuration_gemma.py).
@@ -36,6 +37,25 @@ class Llama3RopeScaling:
 
 
 @dataclasses.dataclass(frozen=True)
+class LinearRopeScaling:
+    """The ``rope_type: linear`` scaling (Gemma 3's global layers): inverse frequencies divided by ``factor``."""
+
+    factor: float
+
+
+RopeScaling = Llama3RopeScaling | LinearRopeScaling
+
+# Gemma3TextConfig's defaults: hub configs of the multimodal Gemma 3 models (e.g. gemma-3-12b-it) state
+# only a few text settings and rely on these, so the parser must fill them in as transformers does.
+_GEMMA3_TEXT_DEFAULTS = {
+    "vocab_size": 262_208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+    "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh",
+    "max_position_embeddings": 131_072, "rms_norm_eps": 1e-6, "pad_token_id": 0, "eos_token_id": 1,
+    "bos_token_id": 2, "tie_word_embeddings": True, "query_pre_attn_scalar": 256, "sliding_window": 4096,
+}
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Architecture of a decoder-only LM, in the port's vocabulary (hashable: it is static under jit).
 
@@ -43,7 +63,9 @@ class ModelConfig:
     Llama-like flags: ``norm_plus_one`` (Gemma's ``(1 + w)`` RMSNorm), ``embed_scale`` (multiply the
     embeddings by ``sqrt(d_model)``), ``post_attn_norm`` / ``post_ffw_norm`` (Gemma 2's extra norms),
     ``attn_softcap`` / ``final_softcap`` (``c·tanh(x/c)``), ``sliding_layers`` (per layer: does it use
-    the ``sliding_window`` mask).
+    the ``sliding_window`` mask), ``qk_norm`` (Gemma 3's per-head RMSNorm of queries and keys before
+    RoPE), ``rope_local_theta`` / ``rope_local_scaling`` (Gemma 3: the RoPE of the sliding layers; None
+    means every layer uses ``rope_theta`` / ``rope_scaling``).
     """
 
     model_type: str
@@ -66,7 +88,7 @@ class ModelConfig:
     use_learned_positions: bool = False
     # Llama-like
     rope_theta: float | None = None
-    rope_scaling: Llama3RopeScaling | None = None
+    rope_scaling: RopeScaling | None = None
     norm_plus_one: bool = False
     embed_scale: bool = False
     post_attn_norm: bool = False
@@ -75,6 +97,9 @@ class ModelConfig:
     final_softcap: float | None = None
     sliding_window: int | None = None
     sliding_layers: tuple[bool, ...] = ()
+    qk_norm: bool = False
+    rope_local_theta: float | None = None
+    rope_local_scaling: RopeScaling | None = None
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -144,7 +169,33 @@ def _gpt2(raw: Mapping[str, Any], source: str) -> ModelConfig:
     )
 
 
-def _rope(raw: Mapping[str, Any], source: str, default_theta: float) -> tuple[float, Llama3RopeScaling | None]:
+def _rope_scaling(params: Mapping[str, Any], source: str) -> RopeScaling | None:
+    """The scaling of one RoPE settings dict (``rope_scaling`` or ``rope_parameters[...]``)."""
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    _reject_if(params.get("partial_rotary_factor") not in (None, 1, 1.0), source, "partial_rotary_factor != 1")
+    if rope_type == "default":
+        return None
+    if rope_type == "linear":
+        factor = params.get("factor")
+        if not isinstance(factor, (int, float)) or not factor > 0:
+            raise ValueError(f"{source}: linear rope scaling needs a positive factor, got {factor!r}")
+        return LinearRopeScaling(factor=float(factor))
+    if rope_type != "llama3":
+        raise ValueError(f"{source}: unsupported rope type {rope_type!r} (supported: default, linear, llama3)")
+    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    missing = [k for k in keys if k not in params]
+    if missing:
+        raise ValueError(f"{source}: llama3 rope scaling is missing {missing}")
+    _reject_if(params.get("attention_factor") not in (None, 1.0), source, "llama3 rope with attention_factor != 1")
+    return Llama3RopeScaling(
+        factor=float(params["factor"]),
+        low_freq_factor=float(params["low_freq_factor"]),
+        high_freq_factor=float(params["high_freq_factor"]),
+        original_max_position_embeddings=int(params["original_max_position_embeddings"]),
+    )
+
+
+def _rope(raw: Mapping[str, Any], source: str, default_theta: float) -> tuple[float, RopeScaling | None]:
     """Read RoPE settings from either ``rope_parameters`` (transformers v5) or ``rope_theta``/``rope_scaling``."""
     params = raw.get("rope_parameters")
     if isinstance(params, Mapping) and params and all(isinstance(v, Mapping) for v in params.values()):
@@ -155,25 +206,55 @@ def _rope(raw: Mapping[str, Any], source: str, default_theta: float) -> tuple[fl
     else:
         theta = float(raw.get("rope_theta") or default_theta)
         scaling = raw.get("rope_scaling") or {}
-    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-    if rope_type == "default":
-        return theta, None
-    if rope_type != "llama3":
-        raise ValueError(f"{source}: unsupported rope type {rope_type!r} (supported: default, llama3)")
-    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-    missing = [k for k in keys if k not in scaling]
-    if missing:
-        raise ValueError(f"{source}: llama3 rope scaling is missing {missing}")
-    _reject_if(scaling.get("attention_factor") not in (None, 1.0), source, "llama3 rope with attention_factor != 1")
-    return theta, Llama3RopeScaling(
-        factor=float(scaling["factor"]),
-        low_freq_factor=float(scaling["low_freq_factor"]),
-        high_freq_factor=float(scaling["high_freq_factor"]),
-        original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
-    )
+    return theta, _rope_scaling(scaling, source)
+
+
+_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def _rope_gemma3(raw: Mapping[str, Any], source: str):
+    """Gemma 3's two RoPEs → ``(global theta, global scaling, local theta, local scaling)``.
+
+    As ``Gemma3TextConfig.convert_rope_params_to_dict``: v5 writes ``rope_parameters`` per layer type;
+    hub files have ``rope_theta`` (global, default 1e6), ``rope_local_base_freq`` (local, default 1e4)
+    and a ``rope_scaling`` that applies to the global (full-attention) layers only.
+    """
+    params = raw.get("rope_parameters")
+    if params is not None and not isinstance(params, Mapping):
+        raise ValueError(f"{source}: rope_parameters must be an object, got {params!r}")
+    params = dict(params or {})
+    if set(params) - set(_LAYER_TYPES):
+        raise ValueError(
+            f"{source}: gemma3 rope_parameters must be keyed by layer type {_LAYER_TYPES}, got {sorted(params)}"
+        )
+    full = dict(params.get("full_attention") or {})
+    full.update(raw.get("rope_scaling") or {})
+    local = dict(params.get("sliding_attention") or {})
+    full.setdefault("rope_theta", raw.get("rope_theta") or 1_000_000.0)
+    local.setdefault("rope_theta", raw.get("rope_local_base_freq") or 10_000.0)
+    return (float(full["rope_theta"]), _rope_scaling(full, f"{source} (full_attention rope)"),
+            float(local["rope_theta"]), _rope_scaling(local, f"{source} (sliding_attention rope)"))
+
+
+def _gemma3_text_config(raw: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """The text settings of a multimodal ``gemma3`` config: its ``text_config``, with the token ids and
+    the embedding tying taken from the top level where stated there (transformers' multimodal model
+    reads ``tie_word_embeddings`` from its top-level config)."""
+    text = raw.get("text_config")
+    if not isinstance(text, Mapping):
+        raise ValueError(f"{source}: model_type 'gemma3' needs a 'text_config' object with the text settings")
+    if text.get("model_type", "gemma3_text") != "gemma3_text":
+        raise ValueError(f"{source}: text_config.model_type must be 'gemma3_text', got {text.get('model_type')!r}")
+    merged = dict(text)
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings"):
+        if raw.get(key) is not None:
+            merged[key] = raw[key]
+    return merged
 
 
 def _llamalike(raw: Mapping[str, Any], source: str, model_type: str) -> ModelConfig:
+    if model_type in ("gemma3", "gemma3_text"):
+        raw = {**_GEMMA3_TEXT_DEFAULTS, **(_gemma3_text_config(raw, source) if model_type == "gemma3" else raw)}
     _reject_if(bool(raw.get("attention_bias")), source, "attention_bias=true")
     _reject_if(bool(raw.get("mlp_bias")), source, "mlp_bias=true")
     _reject_if(bool(raw.get("use_bidirectional_attention")), source, "use_bidirectional_attention=true")
@@ -185,10 +266,15 @@ def _llamalike(raw: Mapping[str, Any], source: str, model_type: str) -> ModelCon
         raise ValueError(f"{source}: num_attention_heads={n_heads} is not a multiple of num_key_value_heads={n_kv_heads}")
     head_dim = int(raw.get("head_dim") or d_model // n_heads)
     n_layers = int(_require(raw, "num_hidden_layers", source))
-    is_gemma = model_type in ("gemma", "gemma2")
-    theta, scaling = _rope(raw, source, default_theta=10000.0)
+    is_gemma = model_type in ("gemma", "gemma2", "gemma3_text", "gemma3")
+    is_gemma3 = model_type in ("gemma3_text", "gemma3")
+    if is_gemma3:
+        theta, scaling, local_theta, local_scaling = _rope_gemma3(raw, source)
+    else:
+        theta, scaling = _rope(raw, source, default_theta=10000.0)
+        local_theta = local_scaling = None
 
-    if model_type == "gemma2":
+    if model_type != "gemma" and is_gemma:
         act_name = raw.get("hidden_activation") or raw.get("hidden_act") or "gelu_pytorch_tanh"
     elif model_type == "gemma":
         act_name = raw.get("hidden_act") or "gelu_pytorch_tanh"
@@ -215,14 +301,17 @@ def _llamalike(raw: Mapping[str, Any], source: str, model_type: str) -> ModelCon
         sliding_layers=(False,) * n_layers,
         **_token_ids(raw),
     )
-    if model_type != "gemma2":
+    if model_type not in ("gemma2", "gemma3_text", "gemma3"):
         _reject_if(raw.get("sliding_window") is not None and model_type == "llama", source, "sliding_window on llama")
         return ModelConfig(attn_scale=head_dim**-0.5, **common)
 
     query_scalar = float(raw.get("query_pre_attn_scalar") or head_dim)
     window = raw.get("sliding_window", raw.get("sliding_window_size"))
+    # transformers' defaults: Gemma 2 alternates (layer 0 slides); Gemma 3's older configs say
+    # ``sliding_window_pattern`` N (default 6): every Nth layer is full, the others slide.
+    pattern = int(raw.get("sliding_window_pattern") or 6) if is_gemma3 else 2
     layer_types = raw.get("layer_types") or [
-        "sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n_layers)
+        "sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n_layers)
     ]
     if len(layer_types) != n_layers or set(layer_types) - {"sliding_attention", "full_attention"}:
         raise ValueError(f"{source}: layer_types must list 'sliding_attention'/'full_attention' per layer, got {layer_types}")
@@ -237,6 +326,9 @@ def _llamalike(raw: Mapping[str, Any], source: str, model_type: str) -> ModelCon
         attn_softcap=raw.get("attn_logit_softcapping"),
         final_softcap=raw.get("final_logit_softcapping"),
         sliding_window=int(window) if window else None,
+        qk_norm=is_gemma3,
+        rope_local_theta=local_theta,
+        rope_local_scaling=local_scaling,
         **common,
     )
 
@@ -248,7 +340,7 @@ def config_from_dict(raw: Mapping[str, Any], source: str = "config.json") -> Mod
         raise ValueError(f"{source}: quantized checkpoints are not supported (quantization_config is set)")
     if model_type == "gpt2":
         cfg = _gpt2(raw, source)
-    elif model_type in ("llama", "gemma", "gemma2"):
+    elif model_type in ("llama", "gemma", "gemma2", "gemma3_text", "gemma3"):
         cfg = _llamalike(raw, source, model_type)
     else:
         raise ValueError(

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .config import Llama3RopeScaling
+from .config import LinearRopeScaling, RopeScaling
 
 # Large finite negative used for masked attention scores (as transformers: the dtype minimum).
 _MASK_VALUE = float(np.finfo(np.float32).min)
@@ -56,14 +56,17 @@ def softcap(x: jax.Array, cap: float | None) -> jax.Array:
     return jnp.tanh(x / cap) * cap
 
 
-def rope_inverse_frequencies(head_dim: int, theta: float, scaling: Llama3RopeScaling | None) -> np.ndarray:
-    """RoPE inverse frequencies (float32, length head_dim/2), with the llama3 rescaling when given.
+def rope_inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> np.ndarray:
+    """RoPE inverse frequencies (float32, length head_dim/2), with the linear or llama3 rescaling when given.
 
-    Transcribed from ``_compute_llama3_parameters`` in transformers' ``modeling_rope_utils.py``.
+    Transcribed from ``_compute_linear_scaling_rope_parameters`` / ``_compute_llama3_parameters`` in
+    transformers' ``modeling_rope_utils.py``.
     """
     inv = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim)
     if scaling is None:
         return inv.astype(np.float32)
+    if isinstance(scaling, LinearRopeScaling):  # float32 division, as torch's in-place ``inv_freq /= factor``
+        return (inv.astype(np.float32) / np.float32(scaling.factor)).astype(np.float32)
     old_ctx = scaling.original_max_position_embeddings
     lo, hi, factor = scaling.low_freq_factor, scaling.high_freq_factor, scaling.factor
     wavelen = 2 * math.pi / inv

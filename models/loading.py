@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +20,16 @@ from tqdm.auto import tqdm
 
 from .base import CausalLM
 from .config import ModelConfig, config_from_dict
+from .gguf import GGUFCheckpoint, is_gguf, load_gguf_tokenizer
 from .gpt2 import GPT2
 from .llamalike import LlamaLike
+from .tensors import CheckpointTensor
 
 _SAFETENSORS_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
 }
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
 _HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer*", "special_tokens_map.json",
               "generation_config.json", "*.model", "vocab.json", "merges.txt"]
 
@@ -40,6 +44,8 @@ class SafetensorsFile:
 
     def __init__(self, path: Path):
         self.path = Path(path)
+        if not self.path.is_file():  # a FIFO or a device would block or never end
+            raise ValueError(f"{self.path}: not a regular file")
         size = self.path.stat().st_size
         with open(self.path, "rb") as fh:
             prefix = fh.read(8)
@@ -105,10 +111,11 @@ def resolve_checkpoint_dir(path_or_id: str | os.PathLike) -> Path:
     """A local checkpoint directory, or a hub id resolved through the local HF cache (then the hub,
     unless offline). Raises ``FileNotFoundError`` saying how to point at a local directory."""
     path = Path(path_or_id).expanduser()
-    if path.is_dir():
+    if path.is_dir() or is_gguf(path):
         return path
     if path.exists():
-        raise FileNotFoundError(f"{path} is a file; pass the checkpoint directory that holds config.json")
+        raise FileNotFoundError(f"{path} is a file but not a GGUF file; pass a .gguf file or the checkpoint "
+                                "directory that holds config.json")
     from huggingface_hub import snapshot_download
 
     repo_id, cache_dir = str(path_or_id), _hub_cache_dir()
@@ -136,6 +143,12 @@ def _safetensors_files(directory: Path) -> list[Path]:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise ValueError(f"{index}: not a valid safetensors index ({err})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise ValueError(f"{index}: weight_map must map tensor names to shard file names")
+        root = directory.resolve()
+        outside = sorted({f for f in weight_map.values() if (directory / f).resolve().parent != root})
+        if outside:  # a shard must be a file of this directory: never follow ../ or absolute paths
+            raise ValueError(f"{index}: weight_map points outside the checkpoint directory: {outside[:4]}")
         files = sorted({directory / f for f in weight_map.values()})
         missing = [str(f) for f in files if not f.exists()]
         if missing:
@@ -169,68 +182,112 @@ def _parse_dtype(dtype) -> np.dtype:
     return dt
 
 
-def load_model(directory: str | os.PathLike, dtype=jnp.float32) -> CausalLM:
-    """Build the port for ``directory``'s ``config.json`` and fill it from its safetensors."""
-    directory = Path(directory)
+def _safetensors_tensors(paths: list[Path]) -> list[CheckpointTensor]:
+    """Every tensor of the safetensors files ``paths``."""
+
+    def reader(f: SafetensorsFile, name: str):
+        def read(dtype):
+            arr = f.get(name)
+            if not np.issubdtype(arr.dtype, np.floating) and arr.dtype != ml_dtypes.bfloat16:
+                raise ValueError(f"{f.path}: tensor {name!r} has non-float dtype {arr.dtype}")
+            return arr.astype(dtype, copy=False)
+        return read
+
+    files = [SafetensorsFile(f) for f in paths]
+    return [CheckpointTensor(name, f.shape(name), f"{f.path}: tensor {name!r}", reader(f, name))
+            for f in files for name in f.keys()]
+
+
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.")
+
+
+def _check_declared_layers(cfg: ModelConfig, tensors: list[CheckpointTensor], where: str) -> None:
+    """The config's layer count must match the tensors before anything is built (a config that
+    declares a million layers would otherwise build a million-block model before failing).
+    Tensors the port skips (a vision tower's layers) do not count."""
+    family = _family(cfg)
+    found = {int(m.group(1)) for t in tensors
+             if family.canonical_name(t.name, cfg) is not None and (m := _LAYER_INDEX.search(t.name))}
+    if found != set(range(cfg.n_layers)):
+        have = f"layers 0..{max(found)} ({len(found)} distinct)" if found else "no layer tensors"
+        raise ValueError(f"{where}: the config declares {cfg.n_layers} layers but the checkpoint has {have}")
+
+
+def build_model(cfg: ModelConfig, tensors: list[CheckpointTensor], where: str, dtype=jnp.float32) -> CausalLM:
+    """The port for ``cfg`` filled from ``tensors`` (Hugging Face names). Every parameter slot must be
+    filled and every tensor used; ``where`` names the checkpoint in errors."""
     dt = _parse_dtype(dtype)
-    config_path = directory / "config.json"
-    if not config_path.exists():
-        raise FileNotFoundError(f"{directory}: no config.json (is this a Hugging Face checkpoint directory?)")
-    try:
-        raw = json.loads(config_path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{config_path}: invalid JSON ({err})") from None
-    cfg = config_from_dict(raw, source=str(config_path))
+    _check_declared_layers(cfg, tensors, where)
     family = _family(cfg)
     abstract = nnx.eval_shape(lambda: family(cfg, dtype=dt))
     graphdef, state = nnx.split(abstract)
     slots = dict(nnx.to_flat_state(state))
     names = family.checkpoint_names(cfg)
-    filled: dict[tuple, tuple[str, Path]] = {}
-    tied_copies: list[tuple[Path, str, np.ndarray]] = []
-
-    files = [SafetensorsFile(f) for f in _safetensors_files(directory)]
-    todo = [(f, name) for f in files for name in f.keys()]
-    for f, name in tqdm(todo, desc=f"loading {cfg.model_type}", unit="tensor", disable=len(todo) < 200 or None):
-        key = family.canonical_name(name, cfg)
+    filled: dict[tuple, str] = {}
+    tied_copies: list[CheckpointTensor] = []
+    for tensor in tqdm(tensors, desc=f"loading {cfg.model_type}", unit="tensor",
+                       disable=len(tensors) < 200 or None):
+        key = family.canonical_name(tensor.name, cfg)
         if key is None:
             continue
         if key == "__tied_lm_head__":
-            tied_copies.append((f.path, name, f.get(name)))
+            tied_copies.append(tensor)
             continue
         if key not in names:
-            raise ValueError(f"{f.path}: tensor {name!r} is not used by the {cfg.model_type} port (unexpected tensor)")
+            raise ValueError(f"{tensor.origin} is not used by the {cfg.model_type} port (unexpected tensor)")
         path = names[key]
         if path in filled:
-            raise ValueError(f"{f.path}: tensor {name!r} duplicates one already read from {filled[path][1]}")
+            raise ValueError(f"{tensor.origin} duplicates one already read from {filled[path]}")
         expected = tuple(slots[path].get_value().shape)
-        if f.shape(name) != expected:
-            raise ValueError(f"{f.path}: tensor {name!r} has shape {f.shape(name)}, expected {expected}")
-        arr = f.get(name)
-        if not np.issubdtype(arr.dtype, np.floating) and arr.dtype != ml_dtypes.bfloat16:
-            raise ValueError(f"{f.path}: tensor {name!r} has non-float dtype {arr.dtype}")
-        slots[path].set_value(jnp.asarray(arr.astype(dt, copy=False)))
-        filled[path] = (name, f.path)
+        if tensor.shape != expected:
+            raise ValueError(f"{tensor.origin} has shape {tensor.shape}, expected {expected} from the config")
+        slots[path].set_value(jnp.asarray(tensor.read(dt)))
+        filled[path] = tensor.origin
 
     unfilled = [key for key, path in names.items() if path not in filled]
     if unfilled:
         shown = ", ".join(repr(k) for k in unfilled[:8]) + (" ..." if len(unfilled) > 8 else "")
-        raise ValueError(
-            f"{directory}: checkpoint is missing {len(unfilled)} tensor(s) needed by the {cfg.model_type} port: "
-            f"{shown} (read {[str(f.path.name) for f in files]})"
-        )
+        raise ValueError(f"{where}: checkpoint is missing {len(unfilled)} tensor(s) needed by the "
+                         f"{cfg.model_type} port: {shown}")
     model = nnx.merge(graphdef, nnx.from_flat_state(slots))
-    for path, name, arr in tied_copies:
-        if not np.array_equal(np.asarray(arr.astype(dt)), np.asarray(model.tied_embedding_matrix())):
-            raise ValueError(f"{path}: tensor {name!r} differs from the input embedding but the config ties them")
+    for tensor in tied_copies:
+        if not np.array_equal(np.asarray(tensor.read(dt)), np.asarray(model.tied_embedding_matrix())):
+            raise ValueError(f"{tensor.origin} differs from the input embedding but the config ties them")
     return model
 
 
+def load_model(path: str | os.PathLike, dtype=jnp.float32) -> CausalLM:
+    """Build the port for a checkpoint directory (``config.json`` + safetensors) or a ``.gguf`` file."""
+    path = Path(path)
+    if is_gguf(path):
+        checkpoint = GGUFCheckpoint(path)
+        cfg = config_from_dict(checkpoint.config, source=str(path))
+        return build_model(cfg, checkpoint.tensors(), str(path), dtype)
+    config_path = path / "config.json"
+    if not config_path.exists():
+        raise FileNotFoundError(f"{path}: no config.json (is this a Hugging Face checkpoint directory?)")
+    try:
+        raw = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{config_path}: invalid JSON ({err})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{config_path}: expected a JSON object, got {type(raw).__name__}")
+    cfg = config_from_dict(raw, source=str(config_path))
+    files = _safetensors_files(path)
+    where = f"{path} (read {', '.join(f.name for f in files)})"
+    return build_model(cfg, _safetensors_tensors(files), where, dtype)
+
+
 def load_tokenizer(directory: str | os.PathLike):
-    """``transformers.AutoTokenizer`` for ``directory`` (never ``trust_remote_code``). A missing pad
-    token is set to the EOS token so that batches can be padded."""
+    """``transformers.AutoTokenizer`` for ``directory`` (never ``trust_remote_code``), or the tokenizer
+    stored in a ``.gguf`` file. A missing pad token is set to the EOS token so that batches can be padded."""
     from transformers import AutoTokenizer
 
+    if is_gguf(directory):
+        return load_gguf_tokenizer(directory)
+    present = [p.name for p in Path(directory).glob("*") if p.name in _TOKENIZER_FILES]
+    if not present:  # transformers would build an empty tokenizer that fails much later
+        raise FileNotFoundError(f"{directory}: no tokenizer files (expected one of {', '.join(_TOKENIZER_FILES)})")
     try:
         tok = AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False)
     except Exception as err:  # noqa: BLE001 - transformers raises many types here
@@ -241,11 +298,15 @@ def load_tokenizer(directory: str | os.PathLike):
 
 
 def load(path_or_id: str | os.PathLike, dtype=jnp.float32, tokenizer: bool = True):
-    """Load ``(model, tokenizer)`` from a local checkpoint directory or a hub id in the local HF cache.
+    """Load ``(model, tokenizer)`` from a local checkpoint directory, a ``.gguf`` file, or a hub id in
+    the local HF cache.
 
     ``dtype``: float32 or bfloat16 (parameters and activations). With ``tokenizer=False`` the tokenizer
     is not loaded and None is returned in its place.
     """
+    if is_gguf(path_or_id):
+        model = load_model(path_or_id, dtype=dtype)
+        return model, (load_gguf_tokenizer(path_or_id) if tokenizer else None)
     directory = resolve_checkpoint_dir(path_or_id)
     model = load_model(directory, dtype=dtype)
     return model, (load_tokenizer(directory) if tokenizer else None)

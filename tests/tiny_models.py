@@ -1,4 +1,4 @@
-"""Tiny random Hugging Face checkpoints (GPT-2, Llama 3.1-style, Gemma 2, Gemma 1) for the port tests.
+"""Tiny random Hugging Face checkpoints (GPT-2, Llama 3.1-style, Gemma 2, Gemma 3, Gemma 1) for the port tests.
 
 Each builder makes a transformers model with every parameter randomised (norm weights included),
 saves it with ``save_pretrained`` next to a small WordLevel tokenizer, and returns the directory and
@@ -122,6 +122,45 @@ def build_gemma(directory: Path, seed: int = 3):
     return _finish(GemmaForCausalLM(cfg), directory, seed, plus_one=True)
 
 
+def gemma3_text_config(linear_rope: bool = False, tied: bool = True):
+    """Gemma 3 text settings: sliding window 5 (< test sequence length), both layer kinds, query/key norms,
+    distinct global / local RoPE bases (both small enough to turn fast at these lengths),
+    query_pre_attn_scalar 24 ≠ head_dim 16; optionally linear RoPE scaling on the global layers."""
+    from transformers import Gemma3TextConfig
+
+    extra = {"rope_scaling": {"rope_type": "linear", "factor": 4.0}} if linear_rope else {}
+    # the linear variant states the legacy ``sliding_window_pattern`` (every 2nd layer full)
+    layers = {"sliding_window_pattern": 2} if linear_rope else {
+        "layer_types": ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"]}
+    return Gemma3TextConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24,
+        sliding_window=5, rope_theta=5000.0, rope_local_base_freq=300.0, max_position_embeddings=256,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, attn_implementation="eager",
+        tie_word_embeddings=tied, **layers, **extra,
+    )
+
+
+def build_gemma3(directory: Path, seed: int = 6, linear_rope: bool = False, tied: bool = True):
+    """Gemma 3 text (``Gemma3ForCausalLM``). The linear-RoPE variant is untied, so that greedy
+    generation varies (see ``build_gemma2``) for the cache-path tests."""
+    from transformers import Gemma3ForCausalLM
+
+    return _finish(Gemma3ForCausalLM(gemma3_text_config(linear_rope, tied)), directory, seed, plus_one=True)
+
+
+def build_gemma3_multimodal(directory: Path, seed: int = 7):
+    """Multimodal Gemma 3 (``Gemma3ForConditionalGeneration``) with a tiny SigLIP vision tower: the
+    port reads its language model (prefixed tensor names) and skips the vision tensors."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, SiglipVisionConfig
+
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=28, patch_size=14)
+    cfg = Gemma3Config(text_config=gemma3_text_config(linear_rope=True).to_dict(), vision_config=vision.to_dict(),
+                       mm_tokens_per_image=4, attn_implementation="eager")
+    return _finish(Gemma3ForConditionalGeneration(cfg), directory, seed, plus_one=True)
+
+
 def padded_batch(seed: int = 0, lengths=(24, 17, 9), side: str = "left"):
     """Random token ids (no special tokens) and a 0/1 mask, padded on ``side`` with id 0."""
     rng = np.random.default_rng(seed)
@@ -146,7 +185,8 @@ def mlp_down_module(hf_model, layer: int) -> torch.nn.Module:
     """The module whose input is the MLP activation: GPT-2 ``mlp.c_proj``, others ``mlp.down_proj``."""
     if hasattr(hf_model, "transformer"):
         return hf_model.transformer.h[layer].mlp.c_proj
-    return hf_model.model.layers[layer].mlp.down_proj
+    text_model = getattr(hf_model.model, "language_model", hf_model.model)  # multimodal Gemma 3
+    return text_model.layers[layer].mlp.down_proj
 
 
 def torch_forward(hf_model, ids, mask, capture=(), edits=None):
@@ -199,6 +239,9 @@ _BUILDERS = {
     "gemma2": build_gemma2,
     "gemma2_untied": functools.partial(build_gemma2, tied=False, seed=5),
     "gemma": build_gemma,
+    "gemma3": build_gemma3,
+    "gemma3_linear": functools.partial(build_gemma3, seed=8, linear_rope=True, tied=False),
+    "gemma3_multimodal": build_gemma3_multimodal,
 }
 
 
