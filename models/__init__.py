@@ -6,7 +6,9 @@
     out.logits                 # [batch, seq, vocab]
     out.mlp_activations[5]     # [batch, seq, d_mlp], the input of the MLP down-projection
     model(ids, capture=[3], stop_at_layer=4)             # only blocks 0..3, no unembedding
-    model(ids, steering=[jm.Steering(5, v, alpha=4.0)])  # h ← h + 4·v at layer 5
+    model(ids, steering=[jm.Steering(5, v, alpha=4.0)])  # h ← h + 4·v/‖v‖ at blocks.5.mlp.hook_post
+    u = jm.feature_to_mlp_out(model, 5, v)               # the paper's map of v to the residual site
+    model(ids, steering=[jm.Steering("blocks.5.hook_mlp_out", u, alpha=4.0)])
     model.project_to_vocab(5, F)                         # [k, vocab] for F [d_mlp, k]
     jm.generate(model, ["Once upon"], tokenizer=tok, max_new_tokens=20, steering=...)
 
@@ -23,9 +25,9 @@ from .gpt2 import GPT2
 from .llamalike import LlamaLike
 from .loading import load, load_model, load_tokenizer
 from .outputs import GenerateOutput, ModelOutput, hook_name
-from .steering import Steering
+from .steering import Steering, feature_to_mlp_out
 
 __all__ = [
     "CausalLM", "GPT2", "GenerateOutput", "LlamaLike", "ModelConfig", "ModelOutput", "Steering",
-    "config_from_dict", "generate", "hook_name", "load", "load_model", "load_tokenizer",
+    "config_from_dict", "feature_to_mlp_out", "generate", "hook_name", "load", "load_model", "load_tokenizer",
 ]

@@ -13,7 +13,7 @@ from flax import nnx
 from .config import ModelConfig
 from .layers import AttentionMasks, build_masks
 from .outputs import ModelOutput, hook_name
-from .steering import Steering, SteeringPlan, build_plan
+from .steering import Steering, SteeringPlan, apply_steering, build_plan
 
 
 class CausalLM(nnx.Module):
@@ -63,6 +63,9 @@ class CausalLM(nnx.Module):
             kv = None if cache is None else cache[i]
             skip_tail = i == n_run - 1 and not want_logits and cache is None
             x, h, kv = self.block(i, x, positions, masks, plan, kv, start, mlp_only_tail=skip_tail)
+            # hook_mlp_out steering: the MLP output's only consumer is the residual add, so adding there
+            # is adding to the residual right after the block (families need no hook of their own)
+            x = apply_steering(x, plan, i, site="hook_mlp_out")
             if i in capture:
                 acts[i] = h
             new_cache.append(kv)
@@ -85,8 +88,9 @@ class CausalLM(nnx.Module):
         ``input_ids`` [batch, seq] ints (NumPy or JAX); ``attention_mask`` [batch, seq] of 0/1 (left or
         right padding; positions are ``cumsum(mask) - 1``). ``capture``: layers (ints or hook names
         ``blocks.{l}.mlp.hook_post``) whose MLP activation to return. ``steering``: one ``Steering`` or a
-        list. ``stop_at_layer=L`` runs only blocks ``0..L-1`` and skips the unembedding (``logits`` is
-        None); captured layers must then be ``< L``. Compiled once per (batch, seq), capture set,
+        list (at ``hook_post`` or ``hook_mlp_out``; see ``jsnmf.models.steering``). ``stop_at_layer=L``
+        runs only blocks ``0..L-1`` and skips the unembedding (``logits`` is None); captured layers must
+        then be ``< L``. Compiled once per (batch, seq), capture set,
         steering structure and ``stop_at_layer``.
         """
         cfg = self.config
@@ -101,7 +105,7 @@ class CausalLM(nnx.Module):
             late = [l for l in layers if l >= n_run]
             if late:
                 raise ValueError(f"captured layers {late} are not run with stop_at_layer={n_run}")
-        plan = build_plan(steering, cfg.n_layers, cfg.d_mlp, ids.shape[0], ids.shape[1], self.dtype)
+        plan = build_plan(steering, cfg, ids.shape[0], ids.shape[1], self.dtype)
         logits, acts = _forward_jit(self, ids, mask, plan, layers, n_run, want_logits)
         return ModelOutput(logits=logits, mlp_activations=dict(acts))
 

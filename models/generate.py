@@ -120,7 +120,7 @@ def generate(
     ``prompts``: a string or list of strings (then ``tokenizer`` is required), or token ids [batch, seq]
     with an optional ``attention_mask`` (any padding side; rows are re-packed to left padding).
     ``temperature=0`` is greedy; otherwise sample with ``top_k`` / ``top_p`` filtering and ``seed``.
-    ``steering`` (positions must be None) is applied at every prompt and generated token. With
+    ``steering`` (positions must be None; either site) is applied at every prompt and generated token. With
     ``stop_at_eos`` a row that emits an EOS id (``eos_token_id``, default the config's, else the
     tokenizer's) gets the pad id afterwards and the loop ends early once every row is done. Compiled once per (batch, padded prompt length, max_new_tokens,
     sampling mode, steering structure).
@@ -154,8 +154,8 @@ def generate(
     items = [steering] if isinstance(steering, Steering) else list(steering or [])
     if any(s.positions is not None for s in items if isinstance(s, Steering)):
         raise ValueError("generate applies steering at every token; Steering.positions must be None")
-    prompt_plan = build_plan(items, cfg.n_layers, cfg.d_mlp, ids.shape[0], ids.shape[1], model.dtype)
-    step_plan = build_plan(items, cfg.n_layers, cfg.d_mlp, ids.shape[0], 1, model.dtype)
+    prompt_plan = build_plan(items, cfg, ids.shape[0], ids.shape[1], model.dtype)
+    step_plan = build_plan(items, cfg, ids.shape[0], 1, model.dtype)
 
     greedy = temperature == 0.0
     if eos_token_id is not None:

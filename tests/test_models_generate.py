@@ -9,7 +9,7 @@ import jsnmf.models as jm
 import tiny_models as tm
 
 N_NEW = 20
-LENGTHS = (12, 7, 3)  # with 20 new tokens every row runs past Gemma 2's sliding window of 6
+LENGTHS = (12, 7, 3)  # with 20 new tokens every row runs past the sliding windows (Gemma 2: 6, Gemma 3: 5)
 
 
 @pytest.fixture(autouse=True)
@@ -42,7 +42,7 @@ def _assert_same_tokens(ours, ref):
     np.testing.assert_array_equal(ours[:, : ref.shape[1]], ref)
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama", "gemma2_untied"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "gemma2_untied", "gemma3_linear"])
 def test_greedy_matches_transformers(kind):
     model, _ = tm.jsnmf_model(kind)
     _, hf = tm.checkpoint(kind)
@@ -56,13 +56,13 @@ def test_greedy_matches_transformers(kind):
     np.testing.assert_array_equal(again.new_tokens, out.new_tokens)
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "gemma2_untied"])
+@pytest.mark.parametrize("kind", ["gpt2", "gemma2_untied", "gemma3_linear"])
 def test_steered_greedy_matches_transformers(kind):
     model, _ = tm.jsnmf_model(kind)
     _, hf = tm.checkpoint(kind)
     ids, mask = tm.padded_batch(seed=12, lengths=LENGTHS, side="left")
     vector = np.random.default_rng(12).normal(size=model.config.d_mlp).astype(np.float32)
-    steering = jm.Steering(1, vector, alpha=4.0)
+    steering = jm.Steering(1, vector, alpha=4.0, normalize=False)
     out = jm.generate(model, ids, attention_mask=mask, max_new_tokens=N_NEW, steering=[steering])
     ref = _hf_generate(hf, ids, mask, steer=(1, vector, 4.0))
     _assert_same_tokens(out.new_tokens, ref)

@@ -8,8 +8,9 @@ import torch
 import jsnmf.models as jm
 import tiny_models as tm
 
-KINDS = ["gpt2", "llama", "llama_tied", "gemma2", "gemma"]
-CORE_KINDS = ["gpt2", "llama", "gemma2"]  # the three target families; tied Llama and Gemma 1 get the forward checks
+KINDS = ["gpt2", "llama", "llama_tied", "gemma2", "gemma", "gemma3", "gemma3_linear"]
+# the target families; tied Llama, Gemma 1 and Gemma 3 with linear RoPE get the forward checks
+CORE_KINDS = ["gpt2", "llama", "gemma2", "gemma3"]
 ATOL = 1e-4
 
 
@@ -69,8 +70,8 @@ def _steering(model, alphas, seed, replace_positions=None):
     d_mlp, last = model.config.d_mlp, model.config.n_layers - 1
     v0, v1, v2 = (rng.normal(size=d_mlp).astype(np.float32) for _ in range(3))
     steering = [
-        jm.Steering(0, v0, alpha=alphas[0]),
-        jm.Steering(last, v1, alpha=alphas[1], positions=[3, -1]),
+        jm.Steering(0, v0, alpha=alphas[0], normalize=False),  # raw alpha·v (unit: test_evaluation_steering)
+        jm.Steering(last, v1, alpha=alphas[1], positions=[3, -1], normalize=False),
         jm.Steering(1, v2, alpha=alphas[2], mode="replace", positions=replace_positions),
     ]
     return steering, (v0, v1, v2)
@@ -146,7 +147,7 @@ def _torch_project(hf, kind, layer, directions):
         else:
             blk = hf.model.layers[layer]
             resid = torch.nn.functional.linear(unit, blk.mlp.down_proj.weight)
-            if kind.startswith("gemma2"):
+            if kind.startswith(("gemma2", "gemma3")):
                 resid = blk.post_feedforward_layernorm(resid)
             x = hf.model.norm(resid)
         logits = hf.lm_head(x)
@@ -205,7 +206,9 @@ def test_bfloat16_loads_and_runs(kind):
 
 @pytest.mark.parametrize(
     "kind, feature",
-    [("gemma2", "attn_softcap"), ("gemma2", "final_softcap"), ("gemma2", "sliding_layers"), ("llama", "rope_scaling")],
+    [("gemma2", "attn_softcap"), ("gemma2", "final_softcap"), ("gemma2", "sliding_layers"), ("llama", "rope_scaling"),
+     ("gemma3", "sliding_layers"), ("gemma3", "sliding_window"), ("gemma3", "qk_norm"), ("gemma3", "rope_local_theta"),
+     ("gemma3_linear", "rope_scaling")],
 )
 def test_tiny_configs_exercise_each_feature(kind, feature):
     """Switching a feature off changes the logits clearly, so the parity tests above do test it."""
@@ -214,7 +217,8 @@ def test_tiny_configs_exercise_each_feature(kind, feature):
     model, _ = tm.jsnmf_model(kind)
     ids, mask = tm.padded_batch(seed=9, side="left")
     reference = np.asarray(model(ids, attention_mask=mask).logits)
-    off = {"sliding_layers": (False,) * model.config.n_layers}.get(feature, None)
+    off = {"sliding_layers": (False,) * model.config.n_layers, "qk_norm": False,
+           "sliding_window": 1000}.get(feature, None)  # a window wider than the batch: no window
     variant, _ = jm.load(tm.checkpoint(kind)[0], tokenizer=False)
     variant.config = dataclasses.replace(model.config, **{feature: off})
     changed = np.asarray(variant(ids, attention_mask=mask).logits)
