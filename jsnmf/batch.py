@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jsnmf.distributed import replicated_value
-from jsnmf.estimator import SNMF, STORAGE_DTYPES, _drive_blocks
+from jsnmf.dtypes import DTYPES
+from jsnmf.estimator import SNMF, _drive_blocks
 from jsnmf.validation import validate_matrix
 from jsnmf.kernels.fit import initial_state
 from jsnmf.kernels.sharded import batched_block_runner, block_runner, squared_norm, state_initializer
@@ -74,7 +75,7 @@ def _fit_batch_in_memory(models: dict, layers: Mapping) -> None:
     template = next(iter(models.values()))
     checked = _check_layer_matrices(layers)
     names = list(checked)
-    X = jnp.stack([jnp.asarray(checked[name], STORAGE_DTYPES[template.dtype]) for name in names])
+    X = jnp.stack([jnp.asarray(checked[name], DTYPES[template.dtype]) for name in names])
     del checked
     _, n, d = X.shape
     sq_norm_X = squared_norm(X)

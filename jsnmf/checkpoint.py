@@ -22,7 +22,6 @@ resume the other's checkpoint (equal up to float rounding; bitwise when the same
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,8 @@ from typing import Any
 import numpy as np
 
 from jsnmf import __version__
-from jsnmf.files import atomic_write_json
+from jsnmf.io.files import atomic_write_json
+from jsnmf.io.manifest import check_manifest, read_manifest
 
 FORMAT = "jsnmf.fit_checkpoint"
 FORMAT_VERSION = 1
@@ -256,10 +256,7 @@ class FitCheckpointer:
                     f"checkpoint_dir {self.directory} already holds checkpoints (iterations {sorted(steps)}) "
                     "of an earlier fit: pass resume=True to continue it, or use an empty directory")
             if steps and problem_path.is_file():
-                try:
-                    saved = json.loads(problem_path.read_text(encoding="utf-8"))
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{problem_path} is not valid JSON: {err}") from err
+                saved = read_manifest(problem_path, format=FORMAT, version=FORMAT_VERSION, what="jsnmf fit checkpoint")
                 self._check_identity(saved, problem_path)
         except BaseException:
             self.manager.close()
@@ -268,10 +265,7 @@ class FitCheckpointer:
         self._saved: set[int] = set(steps)
 
     def _check_identity(self, saved: dict, where: Path | str) -> None:
-        if saved.get("format") != FORMAT:
-            raise ValueError(f"{where}: not a jsnmf fit checkpoint (format {saved.get('format')!r})")
-        if saved.get("format_version", 0) > FORMAT_VERSION:
-            raise ValueError(f"{where}: written by a newer jsnmf (format version {saved['format_version']})")
+        check_manifest(saved, where, format=FORMAT, version=FORMAT_VERSION, what="jsnmf fit checkpoint")
         differences = _differences(saved, self.problem)
         if differences:
             raise ValueError(

@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from jsnmf.files import atomic_write_json
+from jsnmf.io.files import atomic_write_json
+from jsnmf.layout import RunLayout
 
 __all__ = ["main", "build_parser"]
 
@@ -170,7 +171,7 @@ def step_extract(model: str, corpus: str, run_dir: Path, layers: list[int], args
     if not Path(corpus).expanduser().is_file():
         raise FileNotFoundError(f"corpus file not found: {corpus}")
     _say(f"extracting layers {','.join(map(str, layers))} of {model} on {corpus}")
-    return extract(model, corpus, run_dir / "store", layers=layers, max_length=args.max_length,
+    return extract(model, corpus, RunLayout.of(run_dir).store, layers=layers, max_length=args.max_length,
                    batch_size=args.batch_size, dtype=args.dtype, drop_bos=not args.keep_bos, progress=progress)
 
 
@@ -207,7 +208,6 @@ def step_fit(store, layers: list[int] | None, rank: int, settings: dict, snmf_di
     import shutil
 
     from jsnmf.estimator import SNMF
-    from jsnmf.report import layer_dir_name
 
     layers = list(store.layers) if layers is None else list(layers)
     missing = [layer for layer in layers if layer not in store.layers]
@@ -217,8 +217,8 @@ def step_fit(store, layers: list[int] | None, rank: int, settings: dict, snmf_di
         raise UserError(f"rank {rank} exceeds min(n_tokens, d_mlp) = {min(store.n_tokens, store.d_mlp)} of the store")
     fitted = {}
     for layer in layers:
-        saved_path = snmf_dir / layer_dir_name(layer)
-        checkpoint_dir = snmf_dir / f"{layer_dir_name(layer)}.fitting"
+        saved_path = RunLayout.of(snmf_dir.parent).fitted(layer, snmf_dir)
+        checkpoint_dir = RunLayout.of(snmf_dir.parent).fitting(layer, snmf_dir)
         if resume and not checkpoint_dir.exists():
             finished = _finished_fit(saved_path, rank, settings)
             if finished is not None:
@@ -273,7 +273,7 @@ def cmd_fit(args) -> int:
     if args.rank is None:
         raise UserError("fit needs --rank (the number of features)")
     store = _open_store(args.store)
-    snmf_dir = store.path.parent / "snmf"
+    snmf_dir = RunLayout.of_store(store.path).snmf
     step_fit(store, args.layers, args.rank, fit_settings(args), snmf_dir, not args.quiet, resume=args.resume)
     _say(f"checkpoints: {snmf_dir}")
     return 0
@@ -284,7 +284,7 @@ def cmd_report(args) -> int:
         raise UserError(f"--window must be >= 0, got {args.window}")
     if args.run:
         run_dir = Path(args.run).expanduser().resolve()
-        store_dir = run_dir / "store"
+        store_dir = RunLayout.of(run_dir).store
     else:
         store_dir = Path(args.store).expanduser().resolve()
         run_dir = store_dir.parent
@@ -319,18 +319,17 @@ def cmd_run(args) -> int:
     _say(f"run directory: {run_dir}")
     progress = not args.quiet
     store = step_extract(args.model, args.corpus, run_dir, args.layers, args, progress)
-    step_fit(store, args.layers, rank, fit_settings(args), run_dir / "snmf", progress)
+    step_fit(store, args.layers, rank, fit_settings(args), RunLayout.of(run_dir).snmf, progress)
     index = step_report(run_dir, store.path, args.layers, args, progress)
     _print_places(run_dir, store, args.layers, index)
     return 0
 
 
 def _print_places(run_dir: Path, store, layers, index: Path) -> None:
-    from jsnmf.report import layer_dir_name
 
     _say(f"store:       {store.path}")
     for layer in layers:
-        _say(f"checkpoint:  {run_dir / 'snmf' / layer_dir_name(layer)}")
+        _say(f"checkpoint:  {RunLayout.of(run_dir).fitted(layer)}")
     _say(f"report:      {index}")
 
 
@@ -354,7 +353,7 @@ def run_demo(args) -> int:
     if bad:
         raise UserError(f"layer(s) {bad} do not exist: the demo model has {n_layers} layers (0-{n_layers - 1})")
     store = step_extract(str(model_dir), str(demo.demo_corpus_path()), run_dir, layers, args, progress)
-    fitted = step_fit(store, layers, rank, settings, run_dir / "snmf", progress)
+    fitted = step_fit(store, layers, rank, settings, RunLayout.of(run_dir).snmf, progress)
     index = step_report(run_dir, store.path, layers, args, progress)
     recovered, total, per_layer = _demo_recovery(model_dir, store, fitted)
     atomic_write_json(run_dir / "recovery.json", {"recovered": recovered, "total": total, "layers": per_layer})

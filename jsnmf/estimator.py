@@ -7,7 +7,6 @@ Settings go in the constructor, ``fit`` learns, learned state ends in ``_``, ``t
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -21,6 +20,9 @@ import numpy as np
 
 from jsnmf import __version__
 from jsnmf.blas import single_threaded_lapack
+from jsnmf.dtypes import DTYPES
+from jsnmf.io.files import atomic_write_json
+from jsnmf.io.manifest import read_manifest
 from jsnmf.validation import validate_matrix
 from jsnmf.kernels.fit import SOLVERS, SolverConfig, initial_state, run_block, solve_codes
 from jsnmf.kernels.init import INITIALIZERS
@@ -37,8 +39,6 @@ CHECKPOINT_VERSION = 1
 MANIFEST = "manifest.json"
 ARRAYS = "arrays"
 
-# Precisions X may be held in on the device; products always accumulate in float32.
-STORAGE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 class SNMF:
@@ -149,8 +149,8 @@ class SNMF:
             raise ValueError(f"patience must be a positive integer; got {self.patience!r}")
         if not (math.isfinite(float(self.tol)) and float(self.tol) >= 0):
             raise ValueError(f"tol must be a finite number >= 0; got {self.tol!r}")
-        if self.dtype not in STORAGE_DTYPES:
-            raise ValueError(f"unknown dtype {self.dtype!r}; expected one of {tuple(STORAGE_DTYPES)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; expected one of {tuple(DTYPES)}")
         if not (math.isfinite(float(self.ridge)) and float(self.ridge) >= 0):
             raise ValueError(f"ridge must be a finite number >= 0; got {self.ridge!r}")
         if not (isinstance(self.hals_sweeps, (int, np.integer)) and self.hals_sweeps >= 1):
@@ -224,7 +224,7 @@ class SNMF:
         if self.rank > min(n, d):
             raise ValueError(f"rank {self.rank} exceeds min(n_tokens, d_mlp) = {min(n, d)} for X of shape {X.shape}")
         X_given = X
-        X = jnp.asarray(X, STORAGE_DTYPES[self.dtype])
+        X = jnp.asarray(X, DTYPES[self.dtype])
         sq_norm_X = jnp.sum(jnp.square(X.astype(jnp.float32)))
         if float(sq_norm_X) == 0.0:
             raise ValueError("X is all zeros: there is nothing to factorize")
@@ -270,7 +270,7 @@ class SNMF:
 
     def _fit_streamed(self, plan: StreamPlan, mesh, checkpoint_dir, resume: bool) -> "SNMF":
         """``fit`` streaming ``X`` chunk by chunk (:mod:`jsnmf.streaming`), each chunk split over ``mesh``."""
-        fit = StreamedFit(self, plan, STORAGE_DTYPES[self.dtype], mesh=mesh,
+        fit = StreamedFit(self, plan, DTYPES[self.dtype], mesh=mesh,
                           work_dir=codes_directory(self.codes_on_disk))
         n, d = fit.n, plan.d
         if self.rank > min(n, d):
@@ -320,7 +320,7 @@ class SNMF:
             return rows.layout.local_part(G)
         X = validate_matrix(X)
         self._check_width(X)
-        X = jnp.asarray(X, STORAGE_DTYPES[self.dtype])
+        X = jnp.asarray(X, DTYPES[self.dtype])
         return np.asarray(solve_codes(X, jnp.asarray(self.features_), jnp.float32(tol)))
 
     def inverse_transform(self, G) -> np.ndarray:
@@ -348,7 +348,7 @@ class SNMF:
             G = codes_solver(mesh)(rows.array, F, np.float32(1e-5))
             return float(replicated_value(explained_variance(rows.array, G, F, np.float32(rows.layout.n_rows))))
         G = jnp.asarray(self.transform(X))
-        X = jnp.asarray(X, STORAGE_DTYPES[self.dtype])
+        X = jnp.asarray(X, DTYPES[self.dtype])
         F = jnp.asarray(self.features_)
         sq_norm_X = jnp.sum(jnp.square(X.astype(jnp.float32)))
         stats = chunk_statistics(X, G, matmul_f32(X, F))
@@ -373,7 +373,7 @@ class SNMF:
 
     def _rows(self, X, mesh, name: str = "X") -> ShardedRows:
         """``X`` (this process's rows) as a global row-sharded array in the storage dtype."""
-        dtype = STORAGE_DTYPES[self.dtype]
+        dtype = DTYPES[self.dtype]
         if isinstance(X, ShardedRows):
             return X if X.array.dtype == dtype else ShardedRows(X.array.astype(dtype), X.layout)
         return global_rows(X, mesh, dtype=dtype, name=name)
@@ -507,7 +507,7 @@ class SNMF:
             "reconstruction_err": self.reconstruction_err_,
             "relative_error": self.relative_error_,
         }
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        atomic_write_json(staging / MANIFEST, manifest)
         _replace_directory(staging, path)
         return path
 
@@ -517,17 +517,10 @@ class SNMF:
         import orbax.checkpoint as ocp
 
         path = Path(path).absolute()
-        manifest_path = path / MANIFEST
-        if not manifest_path.is_file():
-            raise ValueError(f"{path} is not a jsnmf checkpoint: it has no {MANIFEST}")
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{manifest_path} is not valid JSON: {err}") from err
-        if manifest.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{path} is not a jsnmf SNMF checkpoint (format {manifest.get('format')!r})")
-        if manifest.get("format_version", 0) > CHECKPOINT_VERSION:
-            raise ValueError(f"{path} was written by a newer jsnmf (format version {manifest['format_version']})")
+        manifest = read_manifest(path / MANIFEST, format=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION,
+                                 what="jsnmf SNMF checkpoint", missing_what="jsnmf checkpoint",
+                                 required=("params", "shapes", "n_iter", "n_features_in", "reconstruction_err",
+                                           "relative_error"))
         params = dict(manifest["params"])
         if params["init"] == "arrays":
             params["init"] = "random"

@@ -62,6 +62,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jsnmf import analysis
+from jsnmf.io.files import atomic_write_bytes, atomic_write_text
+from jsnmf.io.manifest import read_manifest
+from jsnmf.layout import RunLayout, hook_name, layer_dir_name
 
 __all__ = ["FEATURES_FORMAT", "LayerReport", "build_features", "write_layer_report", "write_index",
            "write_report", "read_features", "layer_dir_name"]
@@ -72,9 +75,6 @@ FEATURES_FORMAT = "jsnmf.report.features"
 FEATURES_VERSION = 1
 
 
-def layer_dir_name(layer: int) -> str:
-    """``layer_{L:02d}``: the name of a layer's folder in the run, the checkpoints and the report."""
-    return f"layer_{layer:02d}"
 
 
 # ---------------------------------------------------------------- content
@@ -168,19 +168,6 @@ def build_features(
 # ---------------------------------------------------------------- files
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    _atomic_write_bytes(path, text.encode("utf-8"))
-
-
 def _figure_png(draw) -> bytes:
     """Render ``draw(figure)`` to PNG bytes with the Agg canvas (no global pyplot state)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -243,14 +230,7 @@ def codes_png(codes: np.ndarray) -> bytes:
 
 def read_features(path: str | os.PathLike) -> dict:
     """Read a ``features.json`` written by :func:`write_layer_report` (checks its format)."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{path}: cannot read features.json ({err})") from None
-    if data.get("format") != FEATURES_FORMAT or data.get("format_version") != FEATURES_VERSION:
-        raise ValueError(f"{path}: not a {FEATURES_FORMAT} v{FEATURES_VERSION} file")
-    return data
+    return read_manifest(path, format=FEATURES_FORMAT, version=FEATURES_VERSION, what=f"{FEATURES_FORMAT} file")
 
 
 # ---------------------------------------------------------------- HTML
@@ -451,7 +431,7 @@ def write_layer_report(
         "format_version": FEATURES_VERSION,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "layer": int(layer),
-        "hook_name": f"blocks.{int(layer)}.mlp.hook_post",
+        "hook_name": hook_name(layer),
         "rank": int(codes.shape[1]),
         "n_tokens": int(codes.shape[0]),
         "d_mlp": int(np.shape(features)[0]),
@@ -466,10 +446,10 @@ def write_layer_report(
         "features": records,
     }
     loss, code_hist = loss_png(history), codes_png(codes)
-    _atomic_write_bytes(out_dir / "loss.png", loss)
-    _atomic_write_bytes(out_dir / "codes.png", code_hist)
-    _atomic_write_text(out_dir / "features.json", json.dumps(data, ensure_ascii=False, indent=1) + "\n")
-    _atomic_write_text(out_dir / "report.html", render_layer_html(data, _data_uri(loss), _data_uri(code_hist)))
+    atomic_write_bytes(out_dir / "loss.png", loss)
+    atomic_write_bytes(out_dir / "codes.png", code_hist)
+    atomic_write_text(out_dir / "features.json", json.dumps(data, ensure_ascii=False, indent=1) + "\n")
+    atomic_write_text(out_dir / "report.html", render_layer_html(data, _data_uri(loss), _data_uri(code_hist)))
     return LayerReport(
         layer=int(layer), html=out_dir / "report.html", features_json=out_dir / "features.json",
         rank=data["rank"], n_tokens=data["n_tokens"], n_dead=int(stats["dead"].sum()), l0=data["l0"],
@@ -494,7 +474,7 @@ def write_index(report_dir: str | os.PathLike, layers: Sequence[LayerReport], ru
     body = ("<h1>jsnmf report</h1>" + (f"<table class=summary>{facts}</table>" if facts else "")
             + "<h2>Layers</h2><table class=summary>" + "\n".join(rows) + "</table>")
     path = report_dir / "index.html"
-    _atomic_write_text(path, _page("jsnmf report", body))
+    atomic_write_text(path, _page("jsnmf report", body))
     return path
 
 
@@ -555,31 +535,32 @@ def write_report(
     from jsnmf.store import ActivationStore
 
     run_dir = Path(run_dir).expanduser().resolve()
-    store = ActivationStore.open(Path(store_dir) if store_dir else run_dir / "store")
-    snmf_dir = Path(snmf_dir) if snmf_dir else run_dir / "snmf"
-    out_dir = Path(out_dir) if out_dir else run_dir / "report"
+    run = RunLayout.of(run_dir)
+    store = ActivationStore.open(Path(store_dir) if store_dir else run.store)
+    snmf_dir = Path(snmf_dir) if snmf_dir else run.snmf
+    out_dir = Path(out_dir) if out_dir else run.report
     if layers is None:
-        layers = [layer for layer in store.layers if (snmf_dir / layer_dir_name(layer)).is_dir()]
+        layers = [layer for layer in store.layers if run.fitted(layer, snmf_dir).is_dir()]
         if not layers:
             raise FileNotFoundError(f"no fitted layers: {snmf_dir} has no layer_XX checkpoints (run `jsnmf fit` first)")
     for layer in layers:
         if layer not in store.layers:
             raise ValueError(f"layer {layer} is not in the store {store.path} (layers {store.layers})")
-        if not (snmf_dir / layer_dir_name(layer)).is_dir():
-            raise FileNotFoundError(f"no checkpoint for layer {layer}: {snmf_dir / layer_dir_name(layer)} is missing")
+        if not run.fitted(layer, snmf_dir).is_dir():
+            raise FileNotFoundError(f"no checkpoint for layer {layer}: {run.fitted(layer, snmf_dir)} is missing")
     decode = _load_decoder(store)
     if vocab and model is None:
         model = _try_load_model(_store_model_path(store))
     reports = []
     for layer in tqdm(layers, desc="report", disable=not progress):
-        fitted = SNMF.load(snmf_dir / layer_dir_name(layer))
+        fitted = SNMF.load(run.fitted(layer, snmf_dir))
         if fitted.codes_.shape[0] != store.n_tokens:
             raise ValueError(
-                f"{snmf_dir / layer_dir_name(layer)}: the codes have {fitted.codes_.shape[0]} rows but the store "
+                f"{run.fitted(layer, snmf_dir)}: the codes have {fitted.codes_.shape[0]} rows but the store "
                 f"has {store.n_tokens} tokens; was it fitted on this store?")
         projections = _vocab_projections(model, layer, fitted.features_, decode, n_vocab) if (vocab and model) else None
         reports.append(write_layer_report(
-            out_dir / layer_dir_name(layer), layer=layer, features=fitted.features_, codes=fitted.codes_,
+            run.report_layer(layer, out_dir), layer=layer, features=fitted.features_, codes=fitted.codes_,
             token_ids=store.token_ids, doc_index=store.doc_index, positions=store.positions, decode=decode,
             label_index=store.label_index, labels=store.labels, vocab=projections,
             loss_history=getattr(fitted, "loss_history_", None),

@@ -58,7 +58,6 @@ from typing import Any, Callable, Iterator, Protocol
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 
 from jsnmf.kernels.fit import SolverConfig
@@ -71,11 +70,11 @@ from jsnmf.kernels.steps import (
     loss_from_statistics,
     matmul_f32,
 )
+from jsnmf.dtypes import DTYPES
 from jsnmf.validation import check_matrix_layout
 
-DEFAULT_CHUNK_TOKENS = 65536
-RAW_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
-              "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+# Rows per chunk when an array (not a store, which has its own chunks) is streamed.
+ARRAY_CHUNK_TOKENS = 65536
 SVD_OVERSAMPLE, SVD_POWER_ITERS = 10, 2
 KMEANS_ITERS, KMEANS_OFFSET = 20, 0.2
 
@@ -280,8 +279,8 @@ class ArraySource:
         self.X = X
         self.n_tokens, self.d_mlp = (int(s) for s in X.shape)
         name = np.dtype(X.dtype).name
-        self.dtype = name if name in RAW_DTYPES else "float32"  # float64 is streamed as float32
-        self.chunk_bounds = regular_bounds(self.n_tokens, int(chunk_tokens or DEFAULT_CHUNK_TOKENS))
+        self.dtype = name if name in DTYPES else "float32"  # float64 is streamed as float32
+        self.chunk_bounds = regular_bounds(self.n_tokens, int(chunk_tokens or ARRAY_CHUNK_TOKENS))
         self._file = None
         if (isinstance(X, np.memmap) and X.filename and X.flags.c_contiguous and self.dtype == name
                 and isinstance(getattr(X, "offset", None), int)):
@@ -289,14 +288,14 @@ class ArraySource:
 
     def read(self, layer, start: int, stop: int, *, raw: bool = False) -> np.ndarray:
         rows = np.asarray(self.X[start:stop])
-        return rows.astype(RAW_DTYPES[self.dtype] if raw else np.float32, copy=False)
+        return rows.astype(DTYPES[self.dtype] if raw else np.float32, copy=False)
 
     def locate(self, layer, start: int, stop: int) -> tuple[str, int] | None:
         """``(file, byte offset)`` of the rows ``[start, stop)`` when they lie contiguously in a file."""
         if self._file is None:
             return None
         filename, offset = self._file
-        return filename, offset + start * self.d_mlp * RAW_DTYPES[self.dtype].itemsize
+        return filename, offset + start * self.d_mlp * DTYPES[self.dtype].itemsize
 
     def describe(self) -> dict:
         kind = "memmap" if isinstance(self.X, np.memmap) else "array"
@@ -508,10 +507,10 @@ def make_plan(X, layer=None, chunk_tokens: int | None = None, force: bool = Fals
     if raw_name is None:
         raw_name = np.dtype(source.read(layer, 0, 1, raw=True).dtype).name
     raw_name = str(raw_name)
-    if raw_name not in RAW_DTYPES:
+    if raw_name not in DTYPES:
         raise ValueError(f"X is stored as {raw_name}; streaming reads float32, float16 or bfloat16")
     chunk_rows = max(stop - start for start, stop in bounds)
-    return StreamPlan(source, layer, bounds, chunk_rows, RAW_DTYPES[raw_name])
+    return StreamPlan(source, layer, bounds, chunk_rows, DTYPES[raw_name])
 
 
 def _check_bounds(bounds: list[tuple[int, int]], n: int, share: tuple[int, int]) -> None:

@@ -21,7 +21,7 @@ from functools import lru_cache, partial
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from jsnmf.kernels.fit import FitState, SolverConfig, initial_state, run_block, solve_codes
@@ -45,14 +45,6 @@ def check_mesh(mesh) -> Mesh:
 def row_spec(batched: bool = False) -> P:
     """Partition of a (layers ×) rows × columns array: rows split over ``data``."""
     return P(None, DATA, None) if batched else P(DATA, None)
-
-
-def row_sharding(mesh: Mesh, batched: bool = False) -> NamedSharding:
-    return NamedSharding(mesh, row_spec(batched))
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P())
 
 
 def state_specs(batched: bool = False) -> FitState:
