@@ -28,7 +28,9 @@ from jsnmf.kernels.fit import SOLVERS, SolverConfig, initial_state, run_block, s
 from jsnmf.kernels.init import INITIALIZERS
 from jsnmf.kernels.steps import chunk_statistics, keep_count, matmul_f32
 from jsnmf.checkpoint import FitCheckpointer, FitProgress, data_fingerprint, fingerprint_rows, problem_manifest
-from jsnmf.streaming import StreamedFit, StreamPlan, codes_directory, make_plan
+from jsnmf.io.codes import codes_directory
+from jsnmf.io.sources import StreamPlan, make_plan
+from jsnmf.streaming import StreamedFit
 from jsnmf.kernels.init import random_codes, random_keys
 from jsnmf.kernels.sharded import (DATA, block_runner, check_mesh, codes_solver, explained_variance, squared_norm,
                                    state_initializer, zero_rows)

@@ -309,6 +309,29 @@ class ActivationStore:
         """The .npy file of chunk ``index`` of ``layer`` (for tools that read it themselves)."""
         return self.path / _layer_dir(layer) / _chunk_name(index)
 
+    def locate(self, layer: int, start: int, stop: int) -> tuple[Path, int] | None:
+        """Where the rows ``[start, stop)`` of ``layer`` lie contiguously on disk: ``(chunk file, byte
+        offset of its data)`` when they are exactly one chunk, else None (a streamed fit then maps the
+        chunk instead of copying it; :mod:`jsnmf.io.sources`)."""
+        index = self._chunk_index.get((int(start), int(stop)))
+        if index is None:
+            return None
+        path = self.chunk_path(layer, index)
+        with open(path, "rb") as f:  # the .npy header: the data follows it
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read_header(f)
+            offset = f.tell()
+        if tuple(shape) != (stop - start, self.d_mlp) or fortran or dtype != DISK_DTYPES[self.dtype]:
+            raise ValueError(f"{path}: expected a C-ordered {DISK_DTYPES[self.dtype]} array of shape "
+                             f"{(stop - start, self.d_mlp)}, found {dtype} {shape}")
+        return path, offset
+
+    @functools.cached_property
+    def _chunk_index(self) -> dict[tuple[int, int], int]:
+        return {(int(a), int(b)): i for i, (a, b) in enumerate(self.manifest["chunks"])}
+
     def _load_chunk(self, layer: int, index: int) -> np.ndarray:
         start, stop = self.manifest["chunks"][index]
         file = self.chunk_path(layer, index)
