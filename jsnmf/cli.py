@@ -22,6 +22,9 @@ from pathlib import Path
 from typing import Sequence
 
 from jsnmf.io.files import atomic_write_json
+from jsnmf.dtypes import DTYPES
+from jsnmf.kernels.init import INITIALIZERS
+from jsnmf.kernels.solvers import get_solver, solver_names
 from jsnmf.layout import RunLayout
 
 __all__ = ["main", "build_parser"]
@@ -88,18 +91,20 @@ class _Parser(argparse.ArgumentParser):
 def _add_extract_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-length", type=positive_int, default=128, help="truncate documents to this many tokens (128)")
     p.add_argument("--batch-size", type=positive_int, default=16, help="documents per forward pass (16)")
-    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
                    help="precision of the stored activations (float32)")
     p.add_argument("--keep-bos", action="store_true", help="keep the BOS token's activations (dropped by default)")
 
 
 def _add_fit_options(p: argparse.ArgumentParser, rank_help: str) -> None:
     p.add_argument("--rank", type=positive_int, default=None, help=f"number of features k{rank_help}")
-    p.add_argument("--solver", choices=("mu", "hals"), default=None, help="SNMF solver (mu, the paper's)")
+    p.add_argument("--solver", choices=solver_names(), default=None,
+                   help="codes solver (mu, the paper's): " + "; ".join(f"{s}: {get_solver(s).summary}"
+                                                                         for s in solver_names()))
     p.add_argument("--sparsity", type=fraction, default=None,
                    help="fraction of neurons kept per feature (0.01, the paper's)")
     p.add_argument("--max-iter", type=positive_int, default=None, help="iteration cap (1000)")
-    p.add_argument("--init", choices=("random", "svd", "kmeans"), default=None, help="initialization (random)")
+    p.add_argument("--init", choices=tuple(INITIALIZERS), default=None, help="initialization (random)")
     p.add_argument("--seed", type=int, default=None, help="initialization seed (0)")
     p.add_argument("--tol", type=float, default=None,
                    help="an improvement of the loss counts when larger than tol·‖X‖² (1e-6)")

@@ -24,7 +24,8 @@ from jsnmf.dtypes import DTYPES
 from jsnmf.io.files import atomic_write_json
 from jsnmf.io.manifest import read_manifest
 from jsnmf.validation import validate_matrix
-from jsnmf.kernels.fit import SOLVERS, SolverConfig, initial_state, run_block, solve_codes
+from jsnmf.kernels.fit import SolverConfig, initial_state, run_block, solve_codes
+from jsnmf.kernels.solvers import solver_names
 from jsnmf.kernels.init import INITIALIZERS
 from jsnmf.kernels.steps import chunk_statistics, keep_count, matmul_f32
 from jsnmf.checkpoint import FitCheckpointer, FitProgress, data_fingerprint, fingerprint_rows, problem_manifest
@@ -80,7 +81,7 @@ class SNMF:
         ``checkpoint_every`` iterations (and at the end), keeping the newest ``max_to_keep``.
     """
 
-    solvers = SOLVERS
+    solvers = solver_names()  # the codes-solver registry (jsnmf.kernels.solvers) when this class was made
     inits = tuple(INITIALIZERS)
 
     def __init__(
@@ -135,13 +136,14 @@ class SNMF:
     def _check_settings(self) -> None:
         if not isinstance(self.rank, (int, np.integer)) or isinstance(self.rank, bool) or self.rank < 1:
             raise ValueError(f"rank must be a positive integer; got {self.rank!r}")
-        if self.solver not in self.solvers:
-            raise ValueError(f"unknown solver {self.solver!r}; expected one of {self.solvers}")
+        if self.solver not in solver_names():
+            raise ValueError(f"unknown solver {self.solver!r}; expected one of {solver_names()}")
         if self.sparsity is not None and not (0.0 < float(self.sparsity) <= 1.0):
             raise ValueError(f"sparsity must be in (0, 1] or None; got {self.sparsity!r}")
         if isinstance(self.init, str):
-            if self.init not in self.inits:
-                raise ValueError(f"unknown init {self.init!r}; expected one of {self.inits} or a pair (F0, G0)")
+            if self.init not in INITIALIZERS:
+                raise ValueError(f"unknown init {self.init!r}; expected one of {tuple(INITIALIZERS)} "
+                                 "or a pair (F0, G0)")
         elif not (isinstance(self.init, (tuple, list)) and len(self.init) == 2):
             raise ValueError("init must be one of "
                              f"{self.inits} or a pair of arrays (F0, G0); got {type(self.init).__name__}")

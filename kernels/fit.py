@@ -25,28 +25,21 @@ from jsnmf.kernels.steps import (
     hals_codes,
     loss_from_statistics,
     matmul_f32,
-    mu_codes,
 )
+from jsnmf.kernels.solvers import get_solver
 
 
 class SolverConfig(NamedTuple):
     """Static settings of the iteration (a change recompiles)."""
 
-    solver: str = "mu"  # "mu" | "hals"
+    solver: str = "mu"  # a name in the codes-solver registry (jsnmf.kernels.solvers)
     n_keep: int | None = None  # entries kept per column of F; None = no sparsification
     ridge: float = 1e-6
     mu_eps: float = 1e-6
     hals_sweeps: int = 4
 
     def codes_update(self) -> CodesUpdate:
-        if self.solver == "mu":
-            return mu_codes(self.mu_eps)
-        if self.solver == "hals":
-            return hals_codes(self.hals_sweeps)
-        raise ValueError(f"unknown solver {self.solver!r}; expected one of {SOLVERS}")
-
-
-SOLVERS = ("mu", "hals")
+        return get_solver(self.solver).build(self)
 
 
 class FitState(NamedTuple):

@@ -59,3 +59,18 @@ def run_mu(X, G0, n_iter, p=None):
         F, G, loss = mu_iteration(X, G, p)
         iterates.append((F, G, loss))
     return iterates
+
+
+def apg_codes_reference(G, P, Q, n_steps):
+    """Accelerated projected gradient (FISTA) on ``min_{G≥0} ½·tr(G Q Gᵀ) − tr(Pᵀ G)``, from the formula:
+    step ``1/L`` with ``L = max_i Σ_j |Q_ij|``; ``G⁺ = max(0, Y − (Y Q − P)/L)``,
+    ``t⁺ = (1 + √(1 + 4t²))/2``, ``Y = G⁺ + ((t − 1)/t⁺)(G⁺ − G)``, from ``Y = G``, ``t = 1``."""
+    G, P, Q = (np.asarray(a, np.float64) for a in (G, P, Q))
+    L = np.max(np.sum(np.abs(Q), axis=1))
+    Y, t = G.copy(), 1.0
+    for _ in range(n_steps):
+        G_next = np.maximum(Y - (Y @ Q - P) / L, 0.0)
+        t_next = (1.0 + math.sqrt(1.0 + 4.0 * t * t)) / 2.0
+        Y = G_next + ((t - 1.0) / t_next) * (G_next - G)
+        G, t = G_next, t_next
+    return G
