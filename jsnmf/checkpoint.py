@@ -147,9 +147,10 @@ class FitProgress:
 
     def is_done(self, *, patience: int, max_iter: int) -> bool:
         """Whether the stopping rule holds (re-evaluated: a larger ``max_iter`` continues a fit)."""
-        last = self.loss_history[-1] if len(self.loss_history) else np.float32(np.inf)
-        return bool(self.since_improvement >= patience or self.iteration >= max_iter
-                    or (len(self.loss_history) > 0 and not np.isfinite(last)))
+        from jsnmf.kernels.fit import stopped
+
+        last = self.loss_history[-1] if len(self.loss_history) else np.float32(0.0)
+        return bool(stopped(self.since_improvement, self.iteration, last, patience, max_iter))
 
     def to_fit_state(self, *, patience: int, max_iter: int, G=None, best_G=None, place=None):
         """The compiled loop's ``FitState``.

@@ -87,21 +87,41 @@ def iterate(X: jax.Array, G: jax.Array, stats: Statistics, sq_norm_X: jax.Array,
     return F, G, stats, loss_from_statistics(sq_norm_X, stats, Q)
 
 
+def stopped(since_improvement, iteration, loss, patience, max_iter):
+    """The stopping rule: ``patience`` iterations without an improvement, ``max_iter``, or a non-finite loss."""
+    return (since_improvement >= patience) | (iteration >= max_iter) | ~jnp.isfinite(loss)
+
+
+def stopping_update(best_loss, reference_loss, since_improvement, iteration, loss, *, tol, sq_norm_X, patience,
+                    max_iter):
+    """The one stopping rule and best-iterate test, after an iteration with loss ``loss``.
+
+    An improvement counts when the loss falls more than ``tol·‖X‖²`` below the loss at the last one.
+    Returns ``(better, best_loss, reference_loss, since_improvement, iteration, done)``; ``better``:
+    this iterate is the best so far. Used inside the compiled loops (:func:`advance`) and, on
+    scalars, by the streamed fit between passes (:mod:`jsnmf.fit.stream`).
+    """
+    better = loss < best_loss
+    improved = loss < reference_loss - tol * sq_norm_X
+    since = jnp.where(improved, 0, since_improvement + 1)
+    iteration = iteration + 1
+    return (better, jnp.where(better, loss, best_loss), jnp.where(improved, loss, reference_loss), since, iteration,
+            stopped(since, iteration, loss, patience, max_iter))
+
+
 def advance(state: FitState, F, G, stats, loss, *, sq_norm_X, tol, patience, max_iter) -> FitState:
     """Book-keeping after an iteration: best iterate, patience clock, stopping rule."""
-    better = loss < state.best_loss
-    improved = loss < state.reference_loss - tol * sq_norm_X
-    since = jnp.where(improved, 0, state.since_improvement + 1)
-    iteration = state.iteration + 1
-    done = (since >= patience) | (iteration >= max_iter) | ~jnp.isfinite(loss)
+    better, best_loss, reference_loss, since, iteration, done = stopping_update(
+        state.best_loss, state.reference_loss, state.since_improvement, state.iteration, loss,
+        tol=tol, sq_norm_X=sq_norm_X, patience=patience, max_iter=max_iter)
     return FitState(
         F=F,
         G=G,
         stats=stats,
         best_F=jnp.where(better, F, state.best_F),
         best_G=jnp.where(better, G, state.best_G),
-        best_loss=jnp.where(better, loss, state.best_loss),
-        reference_loss=jnp.where(improved, loss, state.reference_loss),
+        best_loss=best_loss,
+        reference_loss=reference_loss,
         since_improvement=since,
         iteration=iteration,
         done=done,

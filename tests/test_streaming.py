@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from scipy.optimize import linear_sum_assignment
 
-from jsnmf import SNMF, streaming
+from jsnmf import SNMF
+from jsnmf.fit import chunk_steps
 from jsnmf.io import hostbuffers, prefetch, sources
 from jsnmf.kernels.init import _times_u32, random_codes, random_keys
 from jsnmf.store import ActivationStore
@@ -69,9 +70,9 @@ def test_streamed_fit_equals_in_memory_fit(data, solver):
 def test_chunk_step_compiles_once_with_a_short_last_chunk(data):
     _, _, store, _ = data
     # A setting no other test uses, so this fit compiles its own per-chunk step.
-    before = streaming._codes_chunk._cache_size()
+    before = chunk_steps.codes_chunk._cache_size()
     SNMF(K, solver="hals", ridge=3e-6, **SETTINGS).fit(store, layer=LAYER)
-    assert streaming._codes_chunk._cache_size() - before == 1
+    assert chunk_steps.codes_chunk._cache_size() - before == 1
     assert store.chunk_bounds[-1] == (896, 1000)  # the short chunk was padded, not compiled apart
 
 
