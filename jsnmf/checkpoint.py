@@ -11,7 +11,7 @@ orbax's ``CheckpointManager`` writes each step under a temporary name and rename
 so a kill at any moment leaves only complete steps (temporary leftovers are removed on the next
 start); saves run in a background thread while the fit goes on.
 
-The state is everything the iteration and its stopping rule carry (DESIGN.md "The algorithm"): the
+The state is everything the iteration and its stopping rule carry (docs/architecture.md "The algorithm"): the
 codes ``G`` of the latest iterate and the statistics ``XᵀG``, ``GᵀG``, ``Σ P⊙G`` of that pass (the
 next ``F`` follows from them), the best iterate, the patience clock, the loss history and ``‖X‖²``.
 The random start is drawn once from ``seed`` (recorded in the manifest) before the first iteration,

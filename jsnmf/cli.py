@@ -58,24 +58,23 @@ def layer_list(text: str) -> list[int]:
     return layers
 
 
-def positive_int(text: str) -> int:
+def _number(text: str, kind, accept, expected: str, must: str):
+    """``kind(text)`` if ``accept`` holds for it; else an argparse error saying what was expected."""
     try:
-        value = int(text)
+        value = kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if not accept(value):
+        raise argparse.ArgumentTypeError(f"must be {must}, got {value}")
     return value
+
+
+def positive_int(text: str) -> int:
+    return _number(text, int, lambda v: v >= 1, "an integer", ">= 1")
 
 
 def fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
-    return value
+    return _number(text, float, lambda v: 0.0 < v <= 1.0, "a number in (0, 1]", "in (0, 1]")
 
 
 # ---------------------------------------------------------------- parser
@@ -251,11 +250,11 @@ def step_fit(store, layers: list[int] | None, rank: int, settings: dict, snmf_di
 
 
 def step_report(run_dir: Path, store_dir: Path, layers, args, progress: bool) -> Path:
-    from jsnmf.report import write_report
+    from jsnmf.report import ReportOptions, write_report
 
     _say("writing the report")
-    return write_report(run_dir, store_dir=store_dir, layers=layers, vocab=not args.no_vocab,
-                        k_top=args.top_k, window=args.window, progress=progress)
+    options = ReportOptions(k_top=args.top_k, window=args.window, vocab=not args.no_vocab)
+    return write_report(run_dir, store_dir=store_dir, layers=layers, options=options, progress=progress)
 
 
 # ---------------------------------------------------------------- commands

@@ -74,7 +74,7 @@ def initial_state(X: jax.Array, F0: jax.Array, G0: jax.Array, axis_name: str | N
 
 def iterate(X: jax.Array, G: jax.Array, stats: Statistics, sq_norm_X: jax.Array, config: SolverConfig,
             axis_name: str | None = None):
-    """One full iteration (DESIGN.md steps 1–5) in memory; returns ``(F, G, stats, loss)``.
+    """One full iteration (docs/architecture.md, steps 1–5) in memory; returns ``(F, G, stats, loss)``.
 
     ``axis_name``: inside ``shard_map``, the mesh axis whose devices hold the other rows; the
     statistics of the codes pass are summed over it, everything else is replicated.

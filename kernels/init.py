@@ -1,6 +1,6 @@
 """Seeded initializers: each returns ``(F0, G0)`` with ``F0`` (d × k) and ``G0`` (n × k) ≥ 0.
 
-The first iteration recomputes ``F`` from ``G`` (DESIGN.md step 1), so ``G0`` is what matters;
+The first iteration recomputes ``F`` from ``G`` (docs/architecture.md, step 1), so ``G0`` is what matters;
 ``F0`` is returned for completeness (and for users who want to inspect the starting point).
 """
 

@@ -1,4 +1,4 @@
-"""One SNMF iteration, as small pure functions over arrays (DESIGN.md, "The algorithm").
+"""One SNMF iteration, as small pure functions over arrays (docs/architecture.md, "The algorithm").
 
 Model ``X ≈ G Fᵀ`` with ``X`` (n × d), ``F`` (d × k, any sign), ``G`` (n × k, ≥ 0).
 An iteration is split where the data pass is:

@@ -5,21 +5,11 @@ import json
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from scipy.optimize import linear_sum_assignment
 
 import jsnmf
 from jsnmf import SNMF
 
-from snmf_reference import planted_problem, run_mu
-
-
-def matched_cosines(F_true, F_found):
-    """Cosine of each true column with its Hungarian-matched found column."""
-    a = F_true / np.linalg.norm(F_true, axis=0)
-    b = F_found / np.maximum(np.linalg.norm(F_found, axis=0), 1e-12)
-    cos = a.T @ b
-    rows, cols = linear_sum_assignment(-cos)
-    return cos[rows, cols]
+from snmf_reference import matched_cosines, planted_problem, run_mu
 
 
 @pytest.fixture(scope="module")

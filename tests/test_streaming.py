@@ -4,7 +4,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from scipy.optimize import linear_sum_assignment
 
 from jsnmf import SNMF
 from jsnmf.fit import chunk_steps
@@ -12,7 +11,7 @@ from jsnmf.io import hostbuffers, prefetch, sources
 from jsnmf.kernels.init import _times_u32, random_codes, random_keys
 from jsnmf.store import ActivationStore
 
-from snmf_reference import planted_problem
+from snmf_reference import matched_cosines, planted_problem
 
 N, D, K, CHUNK = 1000, 64, 6, 128  # 8 chunks, the last one short (104 rows)
 LAYER = 2
@@ -39,14 +38,6 @@ def data(tmp_path_factory):
 
 def rel(a, b):
     return float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b)))
-
-
-def matched_cosines(A, B):
-    a = A / np.linalg.norm(A, axis=0)
-    b = B / np.maximum(np.linalg.norm(B, axis=0), 1e-12)
-    cos = a.T @ b
-    rows, cols = linear_sum_assignment(-cos)
-    return cos[rows, cols]
 
 
 SETTINGS = dict(sparsity=0.2, max_iter=20, tol=0.0, patience=1000, progress=False)

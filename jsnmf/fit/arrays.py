@@ -1,6 +1,6 @@
 """The array backend: ``X`` held on the device(s), iterations compiled in blocks.
 
-One backend for the in-memory cases of DESIGN.md "The fit layer": one device (``mesh=None``), rows
+One backend for the in-memory cases of docs/architecture.md "The driver and its backends": one device (``mesh=None``), rows
 split over a mesh's ``data`` axis (also across processes; :mod:`jsnmf.kernels.sharded`), and
 several layers at once as a leading batch axis (each layer stops on its own rule). A block runs up
 to ``BLOCK_SIZE`` iterations in one dispatch (:func:`jsnmf.kernels.fit.run_block`).

@@ -1,4 +1,4 @@
-"""Out-of-core SNMF: one pass over the chunks of ``X`` per iteration (DESIGN.md, "Streaming is exact").
+"""Out-of-core SNMF: one pass over the chunks of ``X`` per iteration (docs/architecture.md, "The algorithm").
 
 An iteration needs only ``XᵀG`` (d×k), ``GᵀG`` (k×k) and ``Σ P⊙G`` from the data, all sums over
 tokens. So each iteration computes ``F`` from the statistics of the last pass
