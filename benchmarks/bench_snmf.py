@@ -158,6 +158,8 @@ def main(argv=None) -> None:
                         help="precision X is held in (products accumulate in float32)")
     parser.add_argument("--peer-device", default="cpu", help="torch device for overcomplete (cpu or cuda)")
     parser.add_argument("--no-peer", action="store_true", help="skip overcomplete")
+    parser.add_argument("--solvers", default=None,
+                        help="comma-separated codes solvers to time (default: every registered one, SNMF.solvers)")
     parser.add_argument("--label", default=None, help="machine label of the RESULTS.md section")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     args = parser.parse_args(argv)
@@ -166,6 +168,10 @@ def main(argv=None) -> None:
     import jax.numpy as jnp
 
     n, d, k = args.n, args.d, args.k
+    if args.solvers is None:
+        from jsnmf import SNMF
+
+        args.solvers = ",".join(SNMF.solvers)
     flops = 4 * n * d * k
     X_host = gelu_activations(n, d, k, noise=args.noise)
     X = jnp.asarray(X_host, args.dtype)
@@ -174,7 +180,7 @@ def main(argv=None) -> None:
 
     rows = []
     seconds = {}
-    for solver in ("mu", "hals"):
+    for solver in args.solvers.split(","):
         s = per_iteration(lambda it: jsnmf_fit_seconds(X, k, solver, it, args.sparsity), args.short, args.long)
         seconds[solver] = s
         gflops = flops / s / 1e9

@@ -1,7 +1,7 @@
 """jsnmf: Semi-Nonnegative Matrix Factorization of language-model MLP activations, in JAX.
 
 ``X ≈ G Fᵀ``: ``X`` (n_tokens × d_mlp) activations, ``F`` (d_mlp × k) features of any sign,
-``G`` (n_tokens × k) non-negative codes. See DESIGN.md for the algorithm.
+``G`` (n_tokens × k) non-negative codes. See docs/architecture.md for the algorithm.
 """
 
 __version__ = "0.1.0"

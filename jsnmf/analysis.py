@@ -1,6 +1,6 @@
 """Analysis of fitted SNMF factors: pure functions over arrays.
 
-Notation follows DESIGN.md: ``X ≈ G Fᵀ`` with ``F`` (d_mlp × k) features of any sign and
+Notation follows docs/architecture.md: ``X ≈ G Fᵀ`` with ``F`` (d_mlp × k) features of any sign and
 ``G`` (n_tokens × k) non-negative codes. Every function here takes plain NumPy arrays (and, where
 text is needed, a ``decode(list[int]) -> str`` callable such as ``tokenizer.decode``), so each one
 can be tested alone on small hand-made inputs.

@@ -1,10 +1,11 @@
 """Several layers at once: independent SNMF fits of same-shaped ``X`` in one compiled loop.
 
 When the activations of several layers fit in device memory together, fitting them as a batch
-(``jax.vmap`` over a leading layer axis of the block loop) runs one dispatch per block for all of
-them and keeps the device busier than fitting them one by one. Each layer follows its own stopping
-rule: the vmapped ``while_loop`` runs until every layer is done, and the layers already done are
-masked (their state no longer changes). Each result equals fitting that layer alone.
+(the array backend with a leading layer axis, :class:`jsnmf.fit.arrays.ArrayBackend`) runs one
+dispatch per block for all of them and keeps the device busier than fitting them one by one. Each
+layer follows its own stopping rule: the vmapped ``while_loop`` runs until every layer is done, and
+the layers already done are masked (their state no longer changes). Each result equals fitting that
+layer alone.
 
     models = jsnmf.fit_layers({6: X6, 12: X12}, rank=128, solver="hals", sparsity=0.01)
     models[12].features_
@@ -12,19 +13,18 @@ masked (their state no longer changes). Each result equals fitting that layer al
 
 from __future__ import annotations
 
-import time
 from collections.abc import Hashable, Mapping
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jsnmf.distributed import replicated_value
-from jsnmf.estimator import SNMF, STORAGE_DTYPES, _drive_blocks
-from jsnmf.validation import validate_matrix
-from jsnmf.kernels.fit import initial_state
-from jsnmf.kernels.sharded import batched_block_runner, block_runner, squared_norm, state_initializer
 from jsnmf.blas import single_threaded_lapack
+from jsnmf.dtypes import DTYPES
+from jsnmf.estimator import SNMF
+from jsnmf.fit.arrays import ArrayBackend, active_mesh, sharded_rows
+from jsnmf.fit.loop import fit as fit_loop
+from jsnmf.fit.starts import initial_factors, sharded_initial_factors
+from jsnmf.validation import validate_matrix
 
 __all__ = ["fit_layers"]
 
@@ -42,91 +42,43 @@ def fit_layers(layers: Mapping[Hashable, object], rank: int, **settings) -> dict
         raise ValueError("layers must be a non-empty mapping {layer: X}")
     models = {name: SNMF(rank, **settings) for name in layers}
     template = next(iter(models.values()))
-    mesh = template._active_mesh()
+    names, k = list(layers), int(template.rank)
+    seed, init, dtype = int(template.seed), template.init, DTYPES[template.dtype]
+    mesh = active_mesh(template.mesh)
     if mesh is None:
-        _fit_batch_in_memory(models, layers)
+        checked = {name: validate_matrix(X, f"layers[{name!r}]") for name, X in layers.items()}
+        shapes = {name: tuple(X.shape) for name, X in checked.items()}
+        if len(set(shapes.values())) > 1:
+            raise ValueError(f"fit_layers needs X of the same shape for every layer; got {shapes}")
+        X = jnp.stack([jnp.asarray(checked[name], dtype) for name in names])
+        del checked
+        n, d, layout = X.shape[1], X.shape[2], None
+
+        def starts():
+            F0, G0 = zip(*(initial_factors(init, seed, X[i], k) for i in range(len(names))))
+            return jnp.stack(F0), jnp.stack(G0)
     else:
-        _fit_batch_sharded(models, layers, mesh)
+        rows = [sharded_rows(layers[name], mesh, dtype, name=f"layers[{name!r}]") for name in names]
+        layout = rows[0].layout
+        for name, r in zip(names, rows):
+            if r.layout != layout or r.n_columns != rows[0].n_columns:
+                raise ValueError(f"fit_layers needs X of the same shape for every layer; layers[{name!r}] differs "
+                                 f"from layers[{names[0]!r}]")
+        n, d = layout.n_rows, rows[0].n_columns
+        X = jnp.stack([r.array for r in rows])
+
+        def starts():
+            F0, G0 = zip(*(sharded_initial_factors(init, seed, r, k) for r in rows))
+            return jnp.stack(F0), jnp.stack(G0)
+
+    backend = ArrayBackend(X, config=template.solver_config(d), limits=template.limits(), starts=starts, mesh=mesh,
+                           layout=layout, batched=True)
+    for name, sq in zip(names, np.reshape(backend.sq_norms, -1)):
+        if k > min(n, d):
+            raise ValueError(f"layer {name!r}: rank {k} exceeds min(n_tokens, d_mlp) = {min(n, d)}")
+        if sq == 0.0:
+            raise ValueError(f"layer {name!r}: X is all zeros: there is nothing to factorize")
+    results = fit_loop(backend, max_iter=int(template.max_iter), progress=template.progress)
+    for name, result in zip(names, results):
+        models[name].set_fitted(result)
     return models
-
-
-def _check_layer_matrices(layers: Mapping) -> dict:
-    """Validate each ``X`` (errors name the layer) and require one shape for all."""
-    checked = {name: validate_matrix(X, f"layers[{name!r}]") for name, X in layers.items()}
-    shapes = {name: tuple(X.shape) for name, X in checked.items()}
-    if len(set(shapes.values())) > 1:
-        raise ValueError(f"fit_layers needs X of the same shape for every layer; got {shapes}")
-    return checked
-
-
-def _check_fit_size(name, rank: int, n: int, d: int, sq_norm: float) -> None:
-    if rank > min(n, d):
-        raise ValueError(f"layer {name!r}: rank {rank} exceeds min(n_tokens, d_mlp) = {min(n, d)}")
-    if sq_norm == 0.0:
-        raise ValueError(f"layer {name!r}: X is all zeros: there is nothing to factorize")
-
-
-def _limits(model: SNMF):
-    return np.float32(model.tol), np.int32(model.patience), np.int32(model.max_iter)
-
-
-def _fit_batch_in_memory(models: dict, layers: Mapping) -> None:
-    template = next(iter(models.values()))
-    checked = _check_layer_matrices(layers)
-    names = list(checked)
-    X = jnp.stack([jnp.asarray(checked[name], STORAGE_DTYPES[template.dtype]) for name in names])
-    del checked
-    _, n, d = X.shape
-    sq_norm_X = squared_norm(X)
-    sq_norms = np.asarray(sq_norm_X, np.float64)
-    for name, sq in zip(names, sq_norms):
-        _check_fit_size(name, int(template.rank), n, d, float(sq))
-    started = time.perf_counter()
-    starts = [models[name]._initial_factors(X[i]) for i, name in enumerate(names)]
-    F0, G0 = (jnp.stack(factors) for factors in zip(*starts))
-    del starts
-    state = jax.jit(jax.vmap(initial_state))(X, F0, G0)
-    block_size = min(50, int(template.max_iter))
-    step = batched_block_runner(template._solver_config(d), block_size)
-    limits = _limits(template)
-    state, history = _drive_blocks(lambda s, stop_at: step(X, sq_norm_X, s, *limits, stop_at), state,
-                                   int(template.max_iter), template.progress, sq_norms)
-    best_F, best_G = np.asarray(state.best_F), np.asarray(state.best_G)
-    iterations, best_loss = np.asarray(state.iteration), np.asarray(state.best_loss)
-    for i, name in enumerate(names):
-        models[name]._set_fitted(best_F[i], best_G[i], history[i], int(iterations[i]), float(best_loss[i]),
-                                 float(sq_norms[i]), d, started)
-
-
-def _fit_batch_sharded(models: dict, layers: Mapping, mesh) -> None:
-    template = next(iter(models.values()))
-    names = list(layers)
-    rows = [template._rows(layers[name], mesh, name=f"layers[{name!r}]") for name in names]
-    layout = rows[0].layout
-    for name, r in zip(names, rows):
-        if r.layout != layout or r.n_columns != rows[0].n_columns:
-            raise ValueError(f"fit_layers needs X of the same shape for every layer; layers[{name!r}] differs "
-                             f"from layers[{names[0]!r}]")
-    n, d = layout.n_rows, rows[0].n_columns
-    X = jnp.stack([r.array for r in rows])
-    sq_norm_X = squared_norm(X)
-    sq_norms = np.asarray(replicated_value(sq_norm_X), np.float64)
-    for name, sq in zip(names, sq_norms):
-        _check_fit_size(name, int(template.rank), n, d, float(sq))
-    started = time.perf_counter()
-    starts = [models[name]._sharded_initial_factors(r) for name, r in zip(names, rows)]
-    del rows
-    F0, G0 = (jnp.stack(factors) for factors in zip(*starts))
-    del starts
-    state = state_initializer(mesh, batched=True)(X, F0, G0)
-    block_size = min(50, int(template.max_iter))
-    step = block_runner(mesh, template._solver_config(d), block_size, batched=True)
-    limits = _limits(template)
-    state, history = _drive_blocks(lambda s, stop_at: step(X, sq_norm_X, s, *limits, stop_at), state,
-                                   int(template.max_iter), template.progress, sq_norms)
-    best_F = replicated_value(state.best_F)
-    best_G = layout.local_part(state.best_G, row_axis=1)
-    iterations, best_loss = replicated_value(state.iteration), replicated_value(state.best_loss)
-    for i, name in enumerate(names):
-        models[name]._set_fitted(best_F[i], best_G[i], history[i], int(iterations[i]), float(best_loss[i]),
-                                 float(sq_norms[i]), d, started)

@@ -11,7 +11,7 @@ orbax's ``CheckpointManager`` writes each step under a temporary name and rename
 so a kill at any moment leaves only complete steps (temporary leftovers are removed on the next
 start); saves run in a background thread while the fit goes on.
 
-The state is everything the iteration and its stopping rule carry (DESIGN.md "The algorithm"): the
+The state is everything the iteration and its stopping rule carry (docs/architecture.md "The algorithm"): the
 codes ``G`` of the latest iterate and the statistics ``XᵀG``, ``GᵀG``, ``Σ P⊙G`` of that pass (the
 next ``F`` follows from them), the best iterate, the patience clock, the loss history and ``‖X‖²``.
 The random start is drawn once from ``seed`` (recorded in the manifest) before the first iteration,
@@ -22,7 +22,6 @@ resume the other's checkpoint (equal up to float rounding; bitwise when the same
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,8 @@ from typing import Any
 import numpy as np
 
 from jsnmf import __version__
-from jsnmf.files import atomic_write_json
+from jsnmf.io.files import atomic_write_json
+from jsnmf.io.manifest import check_manifest, read_manifest
 
 FORMAT = "jsnmf.fit_checkpoint"
 FORMAT_VERSION = 1
@@ -147,9 +147,10 @@ class FitProgress:
 
     def is_done(self, *, patience: int, max_iter: int) -> bool:
         """Whether the stopping rule holds (re-evaluated: a larger ``max_iter`` continues a fit)."""
-        last = self.loss_history[-1] if len(self.loss_history) else np.float32(np.inf)
-        return bool(self.since_improvement >= patience or self.iteration >= max_iter
-                    or (len(self.loss_history) > 0 and not np.isfinite(last)))
+        from jsnmf.kernels.fit import stopped
+
+        last = self.loss_history[-1] if len(self.loss_history) else np.float32(0.0)
+        return bool(stopped(self.since_improvement, self.iteration, last, patience, max_iter))
 
     def to_fit_state(self, *, patience: int, max_iter: int, G=None, best_G=None, place=None):
         """The compiled loop's ``FitState``.
@@ -256,10 +257,7 @@ class FitCheckpointer:
                     f"checkpoint_dir {self.directory} already holds checkpoints (iterations {sorted(steps)}) "
                     "of an earlier fit: pass resume=True to continue it, or use an empty directory")
             if steps and problem_path.is_file():
-                try:
-                    saved = json.loads(problem_path.read_text(encoding="utf-8"))
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{problem_path} is not valid JSON: {err}") from err
+                saved = read_manifest(problem_path, format=FORMAT, version=FORMAT_VERSION, what="jsnmf fit checkpoint")
                 self._check_identity(saved, problem_path)
         except BaseException:
             self.manager.close()
@@ -268,10 +266,7 @@ class FitCheckpointer:
         self._saved: set[int] = set(steps)
 
     def _check_identity(self, saved: dict, where: Path | str) -> None:
-        if saved.get("format") != FORMAT:
-            raise ValueError(f"{where}: not a jsnmf fit checkpoint (format {saved.get('format')!r})")
-        if saved.get("format_version", 0) > FORMAT_VERSION:
-            raise ValueError(f"{where}: written by a newer jsnmf (format version {saved['format_version']})")
+        check_manifest(saved, where, format=FORMAT, version=FORMAT_VERSION, what="jsnmf fit checkpoint")
         differences = _differences(saved, self.problem)
         if differences:
             raise ValueError(

@@ -21,7 +21,11 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from jsnmf.files import atomic_write_json
+from jsnmf.io.files import atomic_write_json
+from jsnmf.dtypes import DTYPES
+from jsnmf.kernels.init import INITIALIZERS
+from jsnmf.kernels.solvers import get_solver, solver_names
+from jsnmf.layout import RunLayout
 
 __all__ = ["main", "build_parser"]
 
@@ -54,24 +58,23 @@ def layer_list(text: str) -> list[int]:
     return layers
 
 
-def positive_int(text: str) -> int:
+def _number(text: str, kind, accept, expected: str, must: str):
+    """``kind(text)`` if ``accept`` holds for it; else an argparse error saying what was expected."""
     try:
-        value = int(text)
+        value = kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if not accept(value):
+        raise argparse.ArgumentTypeError(f"must be {must}, got {value}")
     return value
+
+
+def positive_int(text: str) -> int:
+    return _number(text, int, lambda v: v >= 1, "an integer", ">= 1")
 
 
 def fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
-    return value
+    return _number(text, float, lambda v: 0.0 < v <= 1.0, "a number in (0, 1]", "in (0, 1]")
 
 
 # ---------------------------------------------------------------- parser
@@ -87,18 +90,20 @@ class _Parser(argparse.ArgumentParser):
 def _add_extract_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-length", type=positive_int, default=128, help="truncate documents to this many tokens (128)")
     p.add_argument("--batch-size", type=positive_int, default=16, help="documents per forward pass (16)")
-    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
                    help="precision of the stored activations (float32)")
     p.add_argument("--keep-bos", action="store_true", help="keep the BOS token's activations (dropped by default)")
 
 
 def _add_fit_options(p: argparse.ArgumentParser, rank_help: str) -> None:
     p.add_argument("--rank", type=positive_int, default=None, help=f"number of features k{rank_help}")
-    p.add_argument("--solver", choices=("mu", "hals"), default=None, help="SNMF solver (mu, the paper's)")
+    p.add_argument("--solver", choices=solver_names(), default=None,
+                   help="codes solver (mu, the paper's): " + "; ".join(f"{s}: {get_solver(s).summary}"
+                                                                         for s in solver_names()))
     p.add_argument("--sparsity", type=fraction, default=None,
                    help="fraction of neurons kept per feature (0.01, the paper's)")
     p.add_argument("--max-iter", type=positive_int, default=None, help="iteration cap (1000)")
-    p.add_argument("--init", choices=("random", "svd", "kmeans"), default=None, help="initialization (random)")
+    p.add_argument("--init", choices=tuple(INITIALIZERS), default=None, help="initialization (random)")
     p.add_argument("--seed", type=int, default=None, help="initialization seed (0)")
     p.add_argument("--tol", type=float, default=None,
                    help="an improvement of the loss counts when larger than tol·‖X‖² (1e-6)")
@@ -170,7 +175,7 @@ def step_extract(model: str, corpus: str, run_dir: Path, layers: list[int], args
     if not Path(corpus).expanduser().is_file():
         raise FileNotFoundError(f"corpus file not found: {corpus}")
     _say(f"extracting layers {','.join(map(str, layers))} of {model} on {corpus}")
-    return extract(model, corpus, run_dir / "store", layers=layers, max_length=args.max_length,
+    return extract(model, corpus, RunLayout.of(run_dir).store, layers=layers, max_length=args.max_length,
                    batch_size=args.batch_size, dtype=args.dtype, drop_bos=not args.keep_bos, progress=progress)
 
 
@@ -207,7 +212,6 @@ def step_fit(store, layers: list[int] | None, rank: int, settings: dict, snmf_di
     import shutil
 
     from jsnmf.estimator import SNMF
-    from jsnmf.report import layer_dir_name
 
     layers = list(store.layers) if layers is None else list(layers)
     missing = [layer for layer in layers if layer not in store.layers]
@@ -217,8 +221,8 @@ def step_fit(store, layers: list[int] | None, rank: int, settings: dict, snmf_di
         raise UserError(f"rank {rank} exceeds min(n_tokens, d_mlp) = {min(store.n_tokens, store.d_mlp)} of the store")
     fitted = {}
     for layer in layers:
-        saved_path = snmf_dir / layer_dir_name(layer)
-        checkpoint_dir = snmf_dir / f"{layer_dir_name(layer)}.fitting"
+        saved_path = RunLayout.of(snmf_dir.parent).fitted(layer, snmf_dir)
+        checkpoint_dir = RunLayout.of(snmf_dir.parent).fitting(layer, snmf_dir)
         if resume and not checkpoint_dir.exists():
             finished = _finished_fit(saved_path, rank, settings)
             if finished is not None:
@@ -246,11 +250,11 @@ def step_fit(store, layers: list[int] | None, rank: int, settings: dict, snmf_di
 
 
 def step_report(run_dir: Path, store_dir: Path, layers, args, progress: bool) -> Path:
-    from jsnmf.report import write_report
+    from jsnmf.report import ReportOptions, write_report
 
     _say("writing the report")
-    return write_report(run_dir, store_dir=store_dir, layers=layers, vocab=not args.no_vocab,
-                        k_top=args.top_k, window=args.window, progress=progress)
+    options = ReportOptions(k_top=args.top_k, window=args.window, vocab=not args.no_vocab)
+    return write_report(run_dir, store_dir=store_dir, layers=layers, options=options, progress=progress)
 
 
 # ---------------------------------------------------------------- commands
@@ -273,7 +277,7 @@ def cmd_fit(args) -> int:
     if args.rank is None:
         raise UserError("fit needs --rank (the number of features)")
     store = _open_store(args.store)
-    snmf_dir = store.path.parent / "snmf"
+    snmf_dir = RunLayout.of_store(store.path).snmf
     step_fit(store, args.layers, args.rank, fit_settings(args), snmf_dir, not args.quiet, resume=args.resume)
     _say(f"checkpoints: {snmf_dir}")
     return 0
@@ -284,7 +288,7 @@ def cmd_report(args) -> int:
         raise UserError(f"--window must be >= 0, got {args.window}")
     if args.run:
         run_dir = Path(args.run).expanduser().resolve()
-        store_dir = run_dir / "store"
+        store_dir = RunLayout.of(run_dir).store
     else:
         store_dir = Path(args.store).expanduser().resolve()
         run_dir = store_dir.parent
@@ -319,18 +323,17 @@ def cmd_run(args) -> int:
     _say(f"run directory: {run_dir}")
     progress = not args.quiet
     store = step_extract(args.model, args.corpus, run_dir, args.layers, args, progress)
-    step_fit(store, args.layers, rank, fit_settings(args), run_dir / "snmf", progress)
+    step_fit(store, args.layers, rank, fit_settings(args), RunLayout.of(run_dir).snmf, progress)
     index = step_report(run_dir, store.path, args.layers, args, progress)
     _print_places(run_dir, store, args.layers, index)
     return 0
 
 
 def _print_places(run_dir: Path, store, layers, index: Path) -> None:
-    from jsnmf.report import layer_dir_name
 
     _say(f"store:       {store.path}")
     for layer in layers:
-        _say(f"checkpoint:  {run_dir / 'snmf' / layer_dir_name(layer)}")
+        _say(f"checkpoint:  {RunLayout.of(run_dir).fitted(layer)}")
     _say(f"report:      {index}")
 
 
@@ -354,7 +357,7 @@ def run_demo(args) -> int:
     if bad:
         raise UserError(f"layer(s) {bad} do not exist: the demo model has {n_layers} layers (0-{n_layers - 1})")
     store = step_extract(str(model_dir), str(demo.demo_corpus_path()), run_dir, layers, args, progress)
-    fitted = step_fit(store, layers, rank, settings, run_dir / "snmf", progress)
+    fitted = step_fit(store, layers, rank, settings, RunLayout.of(run_dir).snmf, progress)
     index = step_report(run_dir, store.path, layers, args, progress)
     recovered, total, per_layer = _demo_recovery(model_dir, store, fitted)
     atomic_write_json(run_dir / "recovery.json", {"recovered": recovered, "total": total, "layers": per_layer})

@@ -248,17 +248,6 @@ def _fill(template: str, words: list[str]) -> str:
     return text[0].upper() + text[1:]
 
 
-def _write_corpus(path: Path, records: list[dict]) -> None:
-    data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    _atomic_write_text(path, data)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def read_demo_corpus() -> list[dict]:
     """The shipped demo corpus records."""
     with open(demo_corpus_path(), encoding="utf-8") as f:

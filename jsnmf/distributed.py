@@ -85,8 +85,7 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jsnmf.kernels.sharded import DATA, check_mesh
 from jsnmf.validation import validate_matrix
@@ -221,7 +220,7 @@ class RowLayout:
     def sharding(self, ndim: int = 2, row_axis: int = 0) -> NamedSharding:
         spec = [None] * ndim
         spec[row_axis] = DATA
-        return NamedSharding(self.mesh, P(*spec))
+        return NamedSharding(self.mesh, PartitionSpec(*spec))
 
     def assemble(self, local: np.ndarray, row_axis: int = 0) -> jax.Array:
         """The global array from this process's rows (``local_rows`` of them along ``row_axis``)."""
@@ -307,7 +306,8 @@ def sample_rows(rows: ShardedRows, indices) -> np.ndarray:
     A collective (every process must call it); it moves only the rows asked for.
     """
     index = replicate(rows.layout.padded_index(indices), rows.layout.mesh)
-    taken = jax.jit(lambda X, i: X[i].astype(np.float32), out_shardings=NamedSharding(rows.layout.mesh, P()))
+    taken = jax.jit(lambda X, i: X[i].astype(np.float32),
+                    out_shardings=NamedSharding(rows.layout.mesh, PartitionSpec()))
     return replicated_value(taken(rows.array, index))
 
 
@@ -331,7 +331,7 @@ def per_process(value: int) -> np.ndarray:
 def replicate(value, mesh: Mesh) -> jax.Array:
     """``value`` (the same on every process) as a global array replicated on every device of ``mesh``."""
     value = np.asarray(value)
-    return jax.make_array_from_process_local_data(NamedSharding(mesh, P()), value, value.shape)
+    return jax.make_array_from_process_local_data(NamedSharding(mesh, PartitionSpec()), value, value.shape)
 
 
 def replicated_value(array: jax.Array) -> np.ndarray:

@@ -7,11 +7,9 @@ Settings go in the constructor, ``fit`` learns, learned state ends in ``_``, ``t
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -21,24 +19,30 @@ import numpy as np
 
 from jsnmf import __version__
 from jsnmf.blas import single_threaded_lapack
-from jsnmf.validation import validate_matrix
-from jsnmf.kernels.fit import SOLVERS, SolverConfig, initial_state, run_block, solve_codes
+from jsnmf.checkpoint import FitCheckpointer, data_fingerprint, fingerprint_rows, problem_manifest
+from jsnmf.distributed import ShardedRows, replicate, replicated_value, sample_rows
+from jsnmf.dtypes import DTYPES
+from jsnmf.fit.arrays import ArrayBackend, Limits, active_mesh, sharded_rows
+from jsnmf.fit.loop import FitResult
+from jsnmf.fit.loop import fit as fit_loop
+from jsnmf.fit.starts import initial_factors, sharded_initial_factors
+from jsnmf.fit.stream import StreamedFit
+from jsnmf.io.codes import codes_directory
+from jsnmf.io.files import atomic_write_json
+from jsnmf.io.manifest import read_manifest
+from jsnmf.io.sources import make_plan
+from jsnmf.kernels.fit import SolverConfig, solve_codes
 from jsnmf.kernels.init import INITIALIZERS
+from jsnmf.kernels.sharded import DATA, check_mesh, codes_solver, explained_variance
+from jsnmf.kernels.solvers import solver_names
 from jsnmf.kernels.steps import chunk_statistics, keep_count, matmul_f32
-from jsnmf.checkpoint import FitCheckpointer, FitProgress, data_fingerprint, fingerprint_rows, problem_manifest
-from jsnmf.streaming import StreamedFit, StreamPlan, codes_directory, make_plan
-from jsnmf.kernels.init import random_codes, random_keys
-from jsnmf.kernels.sharded import (DATA, block_runner, check_mesh, codes_solver, explained_variance, squared_norm,
-                                   state_initializer, zero_rows)
-from jsnmf.distributed import ShardedRows, default_mesh, global_rows, replicate, replicated_value, sample_rows
+from jsnmf.validation import validate_matrix
 
 CHECKPOINT_FORMAT = "jsnmf.SNMF"
 CHECKPOINT_VERSION = 1
 MANIFEST = "manifest.json"
 ARRAYS = "arrays"
 
-# Precisions X may be held in on the device; products always accumulate in float32.
-STORAGE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 class SNMF:
@@ -66,7 +70,7 @@ class SNMF:
         is unchanged and one host with 8 GPUs shards over all 8. Under ``jax.process_count() > 1``
         every process passes its own rows to ``fit``/``transform``/``score``; ``features_`` is the
         same everywhere and ``codes_`` holds the process's own rows.
-    chunk_tokens: rows per chunk of a streamed fit (:mod:`jsnmf.streaming`). ``fit`` streams an
+    chunk_tokens: rows per chunk of a streamed fit (:mod:`jsnmf.fit.stream`). ``fit`` streams an
         ``ActivationStore``, a ``np.memmap`` or any array when this is set; ``None`` keeps a store's
         own chunks (65536 rows for a memmap). A streamed fit on a mesh splits each chunk over its
         devices; under several processes each streams its own share of a store's chunks (or its
@@ -78,7 +82,7 @@ class SNMF:
         ``checkpoint_every`` iterations (and at the end), keeping the newest ``max_to_keep``.
     """
 
-    solvers = SOLVERS
+    solvers = solver_names()  # the codes-solver registry (jsnmf.kernels.solvers) when this class was made
     inits = tuple(INITIALIZERS)
 
     def __init__(
@@ -123,23 +127,39 @@ class SNMF:
 
     # -- settings -------------------------------------------------------------------------------
 
-    def get_params(self) -> dict[str, Any]:
-        """The constructor's settings, as scikit-learn's ``get_params``."""
-        names = ("rank", "solver", "sparsity", "init", "max_iter", "tol", "patience", "seed", "dtype",
-                 "ridge", "hals_sweeps", "progress", "mesh", "chunk_tokens", "codes_on_disk", "checkpoint_every",
-                 "max_to_keep")
-        return {name: getattr(self, name) for name in names}
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        """The constructor's settings, as scikit-learn's ``get_params`` (no nested estimators, so ``deep``
+        changes nothing)."""
+        return {name: getattr(self, name) for name in self._param_names()}
+
+    def set_params(self, **params) -> "SNMF":
+        """Change constructor settings, as scikit-learn's ``set_params``; checked like the constructor's."""
+        unknown = sorted(set(params) - set(self._param_names()))
+        if unknown:
+            raise ValueError(f"invalid parameters {unknown} for SNMF; valid ones are {list(self._param_names())}")
+        for name, value in params.items():
+            setattr(self, name, value)
+        self._check_settings()
+        return self
+
+    @classmethod
+    def _param_names(cls) -> tuple[str, ...]:
+        import inspect
+
+        return tuple(name for name, p in inspect.signature(cls.__init__).parameters.items()
+                     if name != "self" and p.kind is not p.VAR_KEYWORD)
 
     def _check_settings(self) -> None:
         if not isinstance(self.rank, (int, np.integer)) or isinstance(self.rank, bool) or self.rank < 1:
             raise ValueError(f"rank must be a positive integer; got {self.rank!r}")
-        if self.solver not in self.solvers:
-            raise ValueError(f"unknown solver {self.solver!r}; expected one of {self.solvers}")
+        if self.solver not in solver_names():
+            raise ValueError(f"unknown solver {self.solver!r}; expected one of {solver_names()}")
         if self.sparsity is not None and not (0.0 < float(self.sparsity) <= 1.0):
             raise ValueError(f"sparsity must be in (0, 1] or None; got {self.sparsity!r}")
         if isinstance(self.init, str):
-            if self.init not in self.inits:
-                raise ValueError(f"unknown init {self.init!r}; expected one of {self.inits} or a pair (F0, G0)")
+            if self.init not in INITIALIZERS:
+                raise ValueError(f"unknown init {self.init!r}; expected one of {tuple(INITIALIZERS)} "
+                                 "or a pair (F0, G0)")
         elif not (isinstance(self.init, (tuple, list)) and len(self.init) == 2):
             raise ValueError("init must be one of "
                              f"{self.inits} or a pair of arrays (F0, G0); got {type(self.init).__name__}")
@@ -149,8 +169,8 @@ class SNMF:
             raise ValueError(f"patience must be a positive integer; got {self.patience!r}")
         if not (math.isfinite(float(self.tol)) and float(self.tol) >= 0):
             raise ValueError(f"tol must be a finite number >= 0; got {self.tol!r}")
-        if self.dtype not in STORAGE_DTYPES:
-            raise ValueError(f"unknown dtype {self.dtype!r}; expected one of {tuple(STORAGE_DTYPES)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; expected one of {tuple(DTYPES)}")
         if not (math.isfinite(float(self.ridge)) and float(self.ridge) >= 0):
             raise ValueError(f"ridge must be a finite number >= 0; got {self.ridge!r}")
         if not (isinstance(self.hals_sweeps, (int, np.integer)) and self.hals_sweeps >= 1):
@@ -167,7 +187,8 @@ class SNMF:
             if not (isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1):
                 raise ValueError(f"{name} must be a positive integer; got {value!r}")
 
-    def _solver_config(self, d: int) -> SolverConfig:
+    def solver_config(self, d: int) -> SolverConfig:
+        """The static settings of the compiled iteration for ``d_mlp = d``."""
         return SolverConfig(
             solver=self.solver,
             n_keep=keep_count(self.sparsity, d),
@@ -175,22 +196,11 @@ class SNMF:
             hals_sweeps=int(self.hals_sweeps),
         )
 
-    # -- fitting --------------------------------------------------------------------------------
+    def limits(self) -> Limits:
+        """The stopping rule's settings."""
+        return Limits(tol=float(self.tol), patience=int(self.patience), max_iter=int(self.max_iter))
 
-    def _initial_factors(self, X: jax.Array) -> tuple[jax.Array, jax.Array]:
-        n, d = X.shape
-        k = int(self.rank)
-        if isinstance(self.init, str):
-            return INITIALIZERS[self.init](jax.random.key(self.seed), X, k)
-        F0 = validate_matrix(self.init[0], "init F0")
-        G0 = validate_matrix(self.init[1], "init G0")
-        if F0.shape != (d, k):
-            raise ValueError(f"init F0 must have shape (d_mlp, rank) = {(d, k)}; got {F0.shape}")
-        if G0.shape != (n, k):
-            raise ValueError(f"init G0 must have shape (n_tokens, rank) = {(n, k)}; got {G0.shape}")
-        if bool((jnp.asarray(G0) < 0).any()):
-            raise ValueError("init G0 must be non-negative (the codes of SNMF are >= 0)")
-        return jnp.asarray(F0, jnp.float32), jnp.asarray(G0, jnp.float32)
+    # -- fitting --------------------------------------------------------------------------------
 
     @single_threaded_lapack
     def fit(self, X, y=None, *, layer: int | None = None, checkpoint_dir: str | os.PathLike | None = None,
@@ -199,7 +209,7 @@ class SNMF:
 
         ``X`` may also be an :class:`~jsnmf.store.ActivationStore` (``layer`` picks the layer; it may
         be left out when the store holds one) or a ``np.memmap``: the fit then streams it, one pass
-        over its chunks per iteration, with the same iterates as in memory (:mod:`jsnmf.streaming`).
+        over its chunks per iteration, with the same iterates as in memory (:mod:`jsnmf.fit.stream`).
         Any array is streamed when ``chunk_tokens`` is set.
 
         ``checkpoint_dir``: save the fit state there every ``checkpoint_every`` iterations and at the
@@ -209,52 +219,60 @@ class SNMF:
 
         Sharded over ``mesh`` (see the class docstring): then ``X`` is this process's rows, or a
         :class:`jsnmf.distributed.ShardedRows` from :func:`jsnmf.distributed.global_rows`.
+
+        Every case is the one driver (:func:`jsnmf.fit.loop.fit`) over a data backend.
         """
         self._check_settings()
         if resume and checkpoint_dir is None:
             raise ValueError("resume=True needs checkpoint_dir= (the directory the fit checkpoints into)")
+        backend, source, sample_rows = self._backend(X, layer)
+        try:
+            checkpointer = self._checkpointer(checkpoint_dir, resume, backend.n_tokens, backend.d, sample_rows, source)
+        except BaseException:
+            backend.close()
+            raise
+        (result,) = fit_loop(backend, max_iter=int(self.max_iter), progress=self.progress, checkpointer=checkpointer)
+        return self.set_fitted(result)
+
+    def _backend(self, X, layer):
+        """The data backend for ``X``, a description of the source, and a reader of its global rows."""
         plan = make_plan(X, layer, self.chunk_tokens)
         if plan is not None:
-            return self._fit_streamed(plan, self._active_mesh(), checkpoint_dir, resume)
-        mesh = self._active_mesh(X)
+            mesh = active_mesh(self.mesh)
+            backend = StreamedFit(plan, rank=int(self.rank), init=self.init, seed=int(self.seed),
+                                  config=self.solver_config(plan.d), limits=self.limits(),
+                                  compute_dtype=DTYPES[self.dtype], mesh=mesh,
+                                  work_dir=codes_directory(self.codes_on_disk))
+            self._check_rank(backend.n_tokens, backend.d)
+            source = dict(plan.describe(), **({} if mesh is None else {"devices": int(mesh.shape[DATA]),
+                                                                       "processes": jax.process_count()}))
+            return backend, source, backend.sample_rows
+        mesh = active_mesh(self.mesh, X)
+        k, dtype = int(self.rank), DTYPES[self.dtype]
         if mesh is not None:
-            return self._fit_sharded(X, mesh, checkpoint_dir, resume)
-        X = validate_matrix(X)
-        n, d = X.shape
-        if self.rank > min(n, d):
-            raise ValueError(f"rank {self.rank} exceeds min(n_tokens, d_mlp) = {min(n, d)} for X of shape {X.shape}")
-        X_given = X
-        X = jnp.asarray(X, STORAGE_DTYPES[self.dtype])
-        sq_norm_X = jnp.sum(jnp.square(X.astype(jnp.float32)))
-        if float(sq_norm_X) == 0.0:
+            rows = sharded_rows(X, mesh, dtype)
+            self._check_rank(rows.layout.n_rows, rows.n_columns)
+            backend = ArrayBackend(rows.array, config=self.solver_config(rows.n_columns), limits=self.limits(),
+                                   starts=lambda: sharded_initial_factors(self.init, int(self.seed), rows, k),
+                                   mesh=mesh, layout=rows.layout)
+            source = {"kind": "array", "dtype": str(rows.array.dtype), "devices": int(mesh.shape[DATA]),
+                      "processes": jax.process_count()}
+            sample = lambda indices: sample_rows(rows, indices)  # noqa: E731
+        else:
+            X_given = validate_matrix(X)
+            self._check_rank(*X_given.shape)
+            X = jnp.asarray(X_given, dtype)
+            backend = ArrayBackend(X, config=self.solver_config(X.shape[1]), limits=self.limits(),
+                                   starts=lambda: initial_factors(self.init, int(self.seed), X, k))
+            source = {"kind": "array", "dtype": str(X_given.dtype)}
+            sample = lambda indices: np.asarray(X_given[indices], np.float32)  # noqa: E731
+        if float(backend.sq_norms) == 0.0:
             raise ValueError("X is all zeros: there is nothing to factorize")
-        checkpointer = self._checkpointer(checkpoint_dir, resume, n, d, lambda rows: np.asarray(X_given[rows], np.float32),
-                                          {"kind": "array", "dtype": str(X_given.dtype)})
-        try:
-            restored = checkpointer.restore_latest() if checkpointer is not None else None
-            if restored is None:
-                F0, G0 = self._initial_factors(X)
-                state = initial_state(X, F0, G0)
-                history = []
-            else:
-                state = restored.to_fit_state(patience=int(self.patience), max_iter=int(self.max_iter))
-                history = [restored.loss_history]
-            started = time.perf_counter()
-            config = self._solver_config(d)
-            block_size = min(50, int(self.max_iter))
-            limits = (jnp.float32(self.tol), jnp.int32(self.patience), jnp.int32(self.max_iter))
-            state, history = _drive_blocks(
-                lambda s, stop_at: run_block(X, sq_norm_X, s, *limits, stop_at, config=config, block_size=block_size),
-                state, int(self.max_iter), self.progress, float(sq_norm_X), history=history, n_tokens=n,
-                checkpointer=checkpointer,
-                progress_of=lambda s, losses: FitProgress.from_fit_state(s, losses, float(sq_norm_X)))
-        finally:
-            if checkpointer is not None:
-                checkpointer.close()
+        return backend, source, sample
 
-        self._set_fitted(state.best_F, state.best_G, history, int(state.iteration),
-                         float(state.best_loss), float(sq_norm_X), d, started)
-        return self
+    def _check_rank(self, n: int, d: int) -> None:
+        if self.rank > min(n, d):
+            raise ValueError(f"rank {self.rank} exceeds min(n_tokens, d_mlp) = {min(n, d)} for X of shape {(n, d)}")
 
     def _checkpointer(self, checkpoint_dir, resume: bool, n: int, d: int, sample_rows, source: dict):
         """The :class:`~jsnmf.checkpoint.FitCheckpointer` of a fit, or None without ``checkpoint_dir``.
@@ -268,28 +286,6 @@ class SNMF:
         return FitCheckpointer(checkpoint_dir, problem, every=int(self.checkpoint_every),
                                max_to_keep=int(self.max_to_keep), resume=resume)
 
-    def _fit_streamed(self, plan: StreamPlan, mesh, checkpoint_dir, resume: bool) -> "SNMF":
-        """``fit`` streaming ``X`` chunk by chunk (:mod:`jsnmf.streaming`), each chunk split over ``mesh``."""
-        fit = StreamedFit(self, plan, STORAGE_DTYPES[self.dtype], mesh=mesh,
-                          work_dir=codes_directory(self.codes_on_disk))
-        n, d = fit.n, plan.d
-        if self.rank > min(n, d):
-            raise ValueError(f"rank {self.rank} exceeds min(n_tokens, d_mlp) = {min(n, d)} for X of shape {(n, d)}")
-        started = time.perf_counter()
-        source = dict(plan.describe(), **({} if mesh is None else {"devices": int(mesh.shape[DATA]),
-                                                                   "processes": jax.process_count()}))
-        fit.checkpointer = self._checkpointer(checkpoint_dir, resume, n, d, fit.sample_rows, source)
-        try:
-            with _progress_bar(self.progress and jax.process_index() == 0, self.max_iter) as bar:
-                result = fit.run(bar)
-        finally:
-            if fit.checkpointer is not None:
-                fit.checkpointer.close()
-        self._set_fitted(result.features, result.codes, result.loss_history, result.n_iter, result.best_loss,
-                         result.sq_norm_X, d, started)
-        self.codes_ = result.codes  # keeps an on-disk result a np.memmap
-        self.tokens_per_second_ = fit.tokens_per_second
-        return self
 
     @single_threaded_lapack
     def fit_transform(self, X, y=None) -> np.ndarray:
@@ -320,7 +316,7 @@ class SNMF:
             return rows.layout.local_part(G)
         X = validate_matrix(X)
         self._check_width(X)
-        X = jnp.asarray(X, STORAGE_DTYPES[self.dtype])
+        X = jnp.asarray(X, DTYPES[self.dtype])
         return np.asarray(solve_codes(X, jnp.asarray(self.features_), jnp.float32(tol)))
 
     def inverse_transform(self, G) -> np.ndarray:
@@ -348,7 +344,7 @@ class SNMF:
             G = codes_solver(mesh)(rows.array, F, np.float32(1e-5))
             return float(replicated_value(explained_variance(rows.array, G, F, np.float32(rows.layout.n_rows))))
         G = jnp.asarray(self.transform(X))
-        X = jnp.asarray(X, STORAGE_DTYPES[self.dtype])
+        X = jnp.asarray(X, DTYPES[self.dtype])
         F = jnp.asarray(self.features_)
         sq_norm_X = jnp.sum(jnp.square(X.astype(jnp.float32)))
         stats = chunk_statistics(X, G, matmul_f32(X, F))
@@ -361,113 +357,29 @@ class SNMF:
 
     def _active_mesh(self, X=None):
         """The mesh to shard over, or None for the single-device path."""
-        if isinstance(X, ShardedRows):
-            if self.mesh is not None and X.layout.mesh != self.mesh:
-                raise ValueError("X was assembled (global_rows) on a different mesh than this SNMF's mesh")
-            return X.layout.mesh
-        if self.mesh is not None:
-            return check_mesh(self.mesh)
-        if jax.process_count() > 1 or jax.device_count() > 1:
-            return default_mesh()
-        return None
+        return active_mesh(self.mesh, X)
 
     def _rows(self, X, mesh, name: str = "X") -> ShardedRows:
         """``X`` (this process's rows) as a global row-sharded array in the storage dtype."""
-        dtype = STORAGE_DTYPES[self.dtype]
-        if isinstance(X, ShardedRows):
-            return X if X.array.dtype == dtype else ShardedRows(X.array.astype(dtype), X.layout)
-        return global_rows(X, mesh, dtype=dtype, name=name)
+        return sharded_rows(X, mesh, DTYPES[self.dtype], name)
 
-    def _sharded_initial_factors(self, rows: ShardedRows) -> tuple[jax.Array, jax.Array]:
-        """``(F0, G0)`` as global arrays, ``G0`` zero on padding rows.
-
-        The random start draws each row of ``G0`` by its global token index, so it equals the
-        single-device start whatever the layout. ``"svd"`` and ``"kmeans"`` run on the padded ``X``;
-        when there is padding, SVD's small positive floor and k-means' choice of starting rows can
-        differ from the single-device start.
-        """
-        layout, X, mesh = rows.layout, rows.array, rows.layout.mesh
-        d, k = rows.n_columns, int(self.rank)
-        if isinstance(self.init, str) and self.init == "random":
-            key_F, key_G = random_keys(jax.random.key(self.seed))
-            F0 = jax.random.normal(key_F, (d, k), jnp.float32)
-            G_local = random_codes(key_G, jnp.int32(layout.local_offset), layout.local_rows, k)
-            return replicate(np.asarray(F0), mesh), layout.assemble(np.asarray(G_local))
-        if isinstance(self.init, str):
-            F0, G0 = INITIALIZERS[self.init](jax.random.key(self.seed), X, k)
-            return F0, zero_rows(G0, layout.valid())
-        F0 = validate_matrix(self.init[0], "init F0")
-        G0 = validate_matrix(self.init[1], "init G0")
-        if F0.shape != (d, k):
-            raise ValueError(f"init F0 must have shape (d_mlp, rank) = {(d, k)}; got {F0.shape}")
-        if G0.shape != (layout.local_rows, k):
-            raise ValueError(f"init G0 must have shape (n_tokens, rank) = {(layout.local_rows, k)} "
-                             f"(this process's rows); got {G0.shape}")
-        if bool((np.asarray(G0) < 0).any()):
-            raise ValueError("init G0 must be non-negative (the codes of SNMF are >= 0)")
-        return replicate(np.asarray(F0, np.float32), mesh), layout.assemble(np.asarray(G0, np.float32))
-
-    def _fit_sharded(self, X, mesh, checkpoint_dir=None, resume: bool = False) -> "SNMF":
-        """``fit`` with the tokens split over ``mesh`` (:mod:`jsnmf.kernels.sharded`).
-
-        Checkpoints hold the codes as the global row-sharded arrays (each process writes its own
-        rows); a resume reads them back whatever the mesh it runs on, so a fit may move between
-        meshes, processes, or to the single-device path (:mod:`jsnmf.checkpoint`).
-        """
-        rows = self._rows(X, mesh)
-        layout, X = rows.layout, rows.array
-        n, d = layout.n_rows, rows.n_columns
-        if self.rank > min(n, d):
-            raise ValueError(f"rank {self.rank} exceeds min(n_tokens, d_mlp) = {min(n, d)} for X of shape {(n, d)}")
-        sq_norm_X = squared_norm(X)
-        sq_norm = float(replicated_value(sq_norm_X))
-        if sq_norm == 0.0:
-            raise ValueError("X is all zeros: there is nothing to factorize")
-        checkpointer = self._checkpointer(
-            checkpoint_dir, resume, n, d, lambda indices: sample_rows(rows, indices),
-            {"kind": "array", "dtype": str(X.dtype), "devices": int(mesh.shape[DATA]),
-             "processes": jax.process_count()})
-        try:
-            restored = checkpointer.restore_latest() if checkpointer is not None else None
-            if restored is None:
-                F0, G0 = self._sharded_initial_factors(rows)
-                state = state_initializer(mesh)(X, F0, G0)
-                history = []
-            else:
-                own = slice(layout.local_offset, layout.local_offset + layout.local_rows)
-                best_G = restored.G if restored.best_G is None else restored.best_G
-                state = restored.to_fit_state(patience=int(self.patience), max_iter=int(self.max_iter),
-                                              G=layout.assemble(restored.G[own]), best_G=layout.assemble(best_G[own]),
-                                              place=lambda value: replicate(value, mesh))
-                history = [restored.loss_history]
-            started = time.perf_counter()
-            block_size = min(50, int(self.max_iter))
-            step = block_runner(mesh, self._solver_config(d), block_size)
-            limits = (np.float32(self.tol), np.int32(self.patience), np.int32(self.max_iter))
-            state, history = _drive_blocks(
-                lambda s, stop_at: step(X, sq_norm_X, s, *limits, stop_at), state, int(self.max_iter),
-                self.progress, sq_norm, history=history, n_tokens=n, checkpointer=checkpointer,
-                progress_of=lambda s, losses: FitProgress.from_fit_state(s, losses, sq_norm, layout))
-        finally:
-            if checkpointer is not None:
-                checkpointer.close()
-        self._set_fitted(replicated_value(state.best_F), layout.local_part(state.best_G), history,
-                         int(replicated_value(state.iteration)), float(replicated_value(state.best_loss)),
-                         sq_norm, d, started)
-        return self
-
-    def _set_fitted(self, features, codes, history, n_iter, best_loss, sq_norm, d, started) -> None:
-        """Store the learned attributes (``history``: the losses, ``nan`` for iterations not run)."""
+    def set_fitted(self, result: FitResult) -> "SNMF":
+        """Take the learned attributes from a fit's :class:`~jsnmf.fit.loop.FitResult` (any backend)."""
+        history = np.asarray(result.loss_history)
         self.loss_history_ = history[~np.isnan(history)]
         if not np.isfinite(self.loss_history_).all():
             raise FloatingPointError("the SNMF loss became non-finite; try a larger ridge or float32 X")
-        self.features_ = np.asarray(features)
-        self.codes_ = np.asarray(codes)
-        self.n_iter_ = n_iter
-        self.n_features_in_ = d
-        self.reconstruction_err_ = math.sqrt(best_loss)
-        self.relative_error_ = math.sqrt(best_loss / sq_norm)
-        self.fit_seconds_ = time.perf_counter() - started
+        self.features_ = np.asarray(result.features)
+        self.codes_ = result.codes if isinstance(result.codes, np.memmap) else np.asarray(result.codes)
+        self.n_iter_ = int(result.n_iter)
+        self.n_features_in_ = int(result.n_features_in)
+        self.reconstruction_err_ = math.sqrt(result.best_loss)
+        self.relative_error_ = math.sqrt(result.best_loss / result.sq_norm_X)
+        self.fit_seconds_ = float(result.seconds)
+        if not math.isnan(result.tokens_per_second):
+            self.tokens_per_second_ = float(result.tokens_per_second)
+        return self
+
 
     # -- checkpoints ----------------------------------------------------------------------------
 
@@ -507,7 +419,7 @@ class SNMF:
             "reconstruction_err": self.reconstruction_err_,
             "relative_error": self.relative_error_,
         }
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        atomic_write_json(staging / MANIFEST, manifest)
         _replace_directory(staging, path)
         return path
 
@@ -517,17 +429,10 @@ class SNMF:
         import orbax.checkpoint as ocp
 
         path = Path(path).absolute()
-        manifest_path = path / MANIFEST
-        if not manifest_path.is_file():
-            raise ValueError(f"{path} is not a jsnmf checkpoint: it has no {MANIFEST}")
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{manifest_path} is not valid JSON: {err}") from err
-        if manifest.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{path} is not a jsnmf SNMF checkpoint (format {manifest.get('format')!r})")
-        if manifest.get("format_version", 0) > CHECKPOINT_VERSION:
-            raise ValueError(f"{path} was written by a newer jsnmf (format version {manifest['format_version']})")
+        manifest = read_manifest(path / MANIFEST, format=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION,
+                                 what="jsnmf SNMF checkpoint", missing_what="jsnmf checkpoint",
+                                 required=("params", "shapes", "n_iter", "n_features_in", "reconstruction_err",
+                                           "relative_error"))
         params = dict(manifest["params"])
         if params["init"] == "arrays":
             params["init"] = "random"
@@ -559,63 +464,3 @@ def _replace_directory(staging: Path, path: Path) -> None:
         shutil.rmtree(retired)
     else:
         os.replace(staging, path)
-
-
-def _drive_blocks(step, state, total: int, progress: bool, sq_norm, *, history=(), n_tokens: int | None = None,
-                  checkpointer=None, progress_of=None):
-    """Run compiled blocks ``step(state, stop_at) -> (state, losses)`` until ``state.done`` holds everywhere.
-
-    For one fit (``losses`` of shape (block,)) or a batch of fits (layers × block). Returns the
-    final state and the losses (``history``, the losses before a resume, then those of every block)
-    concatenated along the last axis, ``nan`` where a fit ran no iteration. A block pauses at
-    ``stop_at``: ``total``, or the next checkpoint boundary of ``checkpointer``, which then saves
-    ``progress_of(state, losses)`` (one fit only). The progress bar (process 0 only) shows the
-    worst relative error and, given ``n_tokens``, the tokens per second.
-    """
-    blocks = [np.asarray(h, np.float32) for h in history]
-    sq_norm = np.asarray(sq_norm, np.float64).reshape(-1)
-    with _progress_bar(progress and jax.process_index() == 0, total) as bar:
-        if bar is not None:
-            bar.update(int(np.max(replicated_value(state.iteration))))
-        while not bool(np.all(replicated_value(state.done))):
-            iteration = int(np.max(replicated_value(state.iteration)))
-            stop_at = total if checkpointer is None else checkpointer.next_boundary(iteration)
-            block_started = time.perf_counter()
-            state, losses = step(state, np.int32(stop_at))
-            losses = replicated_value(losses)
-            blocks.append(losses)
-            ran = np.sum(~np.isnan(losses.reshape(-1, losses.shape[-1])), axis=1)
-            if bar is not None and ran.max() > 0:
-                bar.update(int(ran.max()))
-                last = [row[n - 1] / sq for row, n, sq in zip(losses.reshape(len(ran), -1), ran, sq_norm) if n]
-                postfix = {"rel_err": f"{math.sqrt(max(max(last), 0)):.4f}"}
-                if n_tokens is not None:
-                    postfix["tok_s"] = f"{n_tokens * ran.max() / (time.perf_counter() - block_started):.3g}"
-                bar.set_postfix(postfix)
-            if checkpointer is not None:
-                iteration, done = int(replicated_value(state.iteration)), bool(replicated_value(state.done))
-                if done or checkpointer.due(iteration):
-                    losses = np.concatenate(blocks)
-                    checkpointer.save(progress_of(state, losses[~np.isnan(losses)]))
-    if not blocks:
-        return state, np.zeros(np.shape(sq_norm)[:-1] + (0,), np.float32)
-    return state, np.concatenate(blocks, axis=-1)
-
-
-class _progress_bar:
-    """A tqdm bar when ``enabled``, else nothing (usable in a ``with``)."""
-
-    def __init__(self, enabled: bool, total: int):
-        self.enabled, self.total, self.bar = enabled, total, None
-
-    def __enter__(self):
-        if self.enabled:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=self.total, desc="SNMF", unit="it", leave=False)
-        return self.bar
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.close()
-        return False

@@ -37,13 +37,14 @@ from tqdm.auto import tqdm
 from jsnmf import models
 from jsnmf.corpus import Corpus, read_corpus
 from jsnmf.models.loading import resolve_checkpoint_dir
-from jsnmf.store import DTYPES, MANIFEST, ActivationStore, check_dtype, remove_store
+from jsnmf.dtypes import DTYPES
+from jsnmf.store import MANIFEST, ActivationStore, check_dtype, remove_store
 
-__all__ = ["extract", "bucket_length", "DEFAULT_CHUNK_TOKENS"]
+__all__ = ["extract", "bucket_length", "STORE_CHUNK_TOKENS"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CHUNK_TOKENS = 4096
+STORE_CHUNK_TOKENS = 4096  # tokens per chunk file of the store (a streamed fit reads one at a time)
 _MIN_BUCKET = 8
 _SLEEP_ENV = "JSNMF_EXTRACT_SLEEP_PER_BATCH"
 # Bump when batching, padding or token selection changes: a store started by another version is
@@ -62,7 +63,7 @@ def extract(
     dtype: str = "float32",
     drop_bos: bool = True,
     add_bos: bool | None = None,
-    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    chunk_tokens: int = STORE_CHUNK_TOKENS,
     compute_dtype: str = "float32",
     resume: bool = True,
     progress: bool = True,

@@ -48,7 +48,10 @@ import ml_dtypes
 import numpy as np
 
 import jsnmf
-from jsnmf.files import TMP_SUFFIX, atomic_write, atomic_write_json
+from jsnmf.dtypes import DISK_DTYPES, DTYPES, check_dtype as check_any_dtype
+from jsnmf.io.files import TMP_SUFFIX, atomic_write, atomic_write_json
+from jsnmf.io.manifest import read_manifest
+from jsnmf.layout import hook_name, layer_dir_name
 
 __all__ = [
     "ActivationStore", "StoreWriter", "FORMAT_NAME", "FORMAT_VERSION", "DTYPES", "hook_name", "check_dtype",
@@ -63,9 +66,6 @@ TOKENS_DIR = "tokens"
 LOCK = ".lock"
 TOKEN_COLUMNS = ("token_id", "doc_index", "position", "label_index")
 
-# In-memory dtype of each supported store dtype, and the dtype of its bits in the .npy files.
-DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
-_DISK_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16), "bfloat16": np.dtype(np.uint16)}
 # Keys the store itself owns in the manifest; run metadata (``meta``) may not override them.
 _RESERVED_KEYS = {
     "format", "format_version", "jsnmf_version", "created", "updated", "layers", "hook_names", "dtype",
@@ -74,20 +74,12 @@ _RESERVED_KEYS = {
 _REQUIRED_KEYS = _RESERVED_KEYS - {"jsnmf_version", "created", "updated", "n_documents", "token_columns"}
 
 
-def hook_name(layer: int) -> str:
-    """The ecosystem's name of the MLP activation of ``layer``."""
-    return f"blocks.{layer}.mlp.hook_post"
-
-
 def check_dtype(dtype: str) -> str:
     """Return ``dtype`` if the store supports it, else raise ValueError listing the choices."""
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown store dtype {dtype!r}; choose one of {sorted(DTYPES)}")
-    return dtype
+    return check_any_dtype(dtype, "store dtype")
 
 
-def _layer_dir(layer: int) -> str:
-    return f"layer_{layer:02d}"
+_layer_dir = layer_dir_name
 
 
 def _chunk_name(index: int) -> str:
@@ -128,25 +120,10 @@ def _atomic_save_npy(path: Path, blocks: Sequence[np.ndarray]) -> None:
 
 
 def _read_manifest(path: Path) -> dict:
-    manifest_path = path / MANIFEST
     if not path.is_dir():
         raise ValueError(f"{path}: not a jsnmf activation store (no such directory)")
-    if not manifest_path.is_file():
-        raise ValueError(f"{path}: not a jsnmf activation store (no {MANIFEST})")
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{manifest_path}: unreadable manifest ({err})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-        raise ValueError(f"{path}: not a jsnmf activation store ({MANIFEST} has no format {FORMAT_NAME!r})")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
-            f"{path}: store format version {manifest.get('format_version')} is not supported "
-            f"(this jsnmf reads version {FORMAT_VERSION})"
-        )
-    missing = sorted(_REQUIRED_KEYS - set(manifest))
-    if missing:
-        raise ValueError(f"{manifest_path}: corrupt manifest, missing {missing}")
+    manifest = read_manifest(path / MANIFEST, format=FORMAT_NAME, version=FORMAT_VERSION,
+                             what="jsnmf activation store", required=_REQUIRED_KEYS)
     _check_chunks(manifest, path)
     return manifest
 
@@ -332,13 +309,36 @@ class ActivationStore:
         """The .npy file of chunk ``index`` of ``layer`` (for tools that read it themselves)."""
         return self.path / _layer_dir(layer) / _chunk_name(index)
 
+    def locate(self, layer: int, start: int, stop: int) -> tuple[Path, int] | None:
+        """Where the rows ``[start, stop)`` of ``layer`` lie contiguously on disk: ``(chunk file, byte
+        offset of its data)`` when they are exactly one chunk, else None (a streamed fit then maps the
+        chunk instead of copying it; :mod:`jsnmf.io.sources`)."""
+        index = self._chunk_index.get((int(start), int(stop)))
+        if index is None:
+            return None
+        path = self.chunk_path(layer, index)
+        with open(path, "rb") as f:  # the .npy header: the data follows it
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read_header(f)
+            offset = f.tell()
+        if tuple(shape) != (stop - start, self.d_mlp) or fortran or dtype != DISK_DTYPES[self.dtype]:
+            raise ValueError(f"{path}: expected a C-ordered {DISK_DTYPES[self.dtype]} array of shape "
+                             f"{(stop - start, self.d_mlp)}, found {dtype} {shape}")
+        return path, offset
+
+    @functools.cached_property
+    def _chunk_index(self) -> dict[tuple[int, int], int]:
+        return {(int(a), int(b)): i for i, (a, b) in enumerate(self.manifest["chunks"])}
+
     def _load_chunk(self, layer: int, index: int) -> np.ndarray:
         start, stop = self.manifest["chunks"][index]
         file = self.chunk_path(layer, index)
         array = np.load(file, mmap_mode="r", allow_pickle=False)
-        if array.shape != (stop - start, self.d_mlp) or array.dtype != _DISK_DTYPES[self.dtype]:
+        if array.shape != (stop - start, self.d_mlp) or array.dtype != DISK_DTYPES[self.dtype]:
             raise ValueError(
-                f"{file}: expected {_DISK_DTYPES[self.dtype]} of shape {(stop - start, self.d_mlp)}, "
+                f"{file}: expected {DISK_DTYPES[self.dtype]} of shape {(stop - start, self.d_mlp)}, "
                 f"found {array.dtype} of shape {array.shape}"
             )
         return array.view(DTYPES[self.dtype]) if self.dtype == "bfloat16" else array

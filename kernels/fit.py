@@ -25,28 +25,21 @@ from jsnmf.kernels.steps import (
     hals_codes,
     loss_from_statistics,
     matmul_f32,
-    mu_codes,
 )
+from jsnmf.kernels.solvers import get_solver
 
 
 class SolverConfig(NamedTuple):
     """Static settings of the iteration (a change recompiles)."""
 
-    solver: str = "mu"  # "mu" | "hals"
+    solver: str = "mu"  # a name in the codes-solver registry (jsnmf.kernels.solvers)
     n_keep: int | None = None  # entries kept per column of F; None = no sparsification
     ridge: float = 1e-6
     mu_eps: float = 1e-6
     hals_sweeps: int = 4
 
     def codes_update(self) -> CodesUpdate:
-        if self.solver == "mu":
-            return mu_codes(self.mu_eps)
-        if self.solver == "hals":
-            return hals_codes(self.hals_sweeps)
-        raise ValueError(f"unknown solver {self.solver!r}; expected one of {SOLVERS}")
-
-
-SOLVERS = ("mu", "hals")
+        return get_solver(self.solver).build(self)
 
 
 class FitState(NamedTuple):
@@ -81,7 +74,7 @@ def initial_state(X: jax.Array, F0: jax.Array, G0: jax.Array, axis_name: str | N
 
 def iterate(X: jax.Array, G: jax.Array, stats: Statistics, sq_norm_X: jax.Array, config: SolverConfig,
             axis_name: str | None = None):
-    """One full iteration (DESIGN.md steps 1–5) in memory; returns ``(F, G, stats, loss)``.
+    """One full iteration (docs/architecture.md, steps 1–5) in memory; returns ``(F, G, stats, loss)``.
 
     ``axis_name``: inside ``shard_map``, the mesh axis whose devices hold the other rows; the
     statistics of the codes pass are summed over it, everything else is replicated.
@@ -94,21 +87,41 @@ def iterate(X: jax.Array, G: jax.Array, stats: Statistics, sq_norm_X: jax.Array,
     return F, G, stats, loss_from_statistics(sq_norm_X, stats, Q)
 
 
+def stopped(since_improvement, iteration, loss, patience, max_iter):
+    """The stopping rule: ``patience`` iterations without an improvement, ``max_iter``, or a non-finite loss."""
+    return (since_improvement >= patience) | (iteration >= max_iter) | ~jnp.isfinite(loss)
+
+
+def stopping_update(best_loss, reference_loss, since_improvement, iteration, loss, *, tol, sq_norm_X, patience,
+                    max_iter):
+    """The one stopping rule and best-iterate test, after an iteration with loss ``loss``.
+
+    An improvement counts when the loss falls more than ``tol·‖X‖²`` below the loss at the last one.
+    Returns ``(better, best_loss, reference_loss, since_improvement, iteration, done)``; ``better``:
+    this iterate is the best so far. Used inside the compiled loops (:func:`advance`) and, on
+    scalars, by the streamed fit between passes (:mod:`jsnmf.fit.stream`).
+    """
+    better = loss < best_loss
+    improved = loss < reference_loss - tol * sq_norm_X
+    since = jnp.where(improved, 0, since_improvement + 1)
+    iteration = iteration + 1
+    return (better, jnp.where(better, loss, best_loss), jnp.where(improved, loss, reference_loss), since, iteration,
+            stopped(since, iteration, loss, patience, max_iter))
+
+
 def advance(state: FitState, F, G, stats, loss, *, sq_norm_X, tol, patience, max_iter) -> FitState:
     """Book-keeping after an iteration: best iterate, patience clock, stopping rule."""
-    better = loss < state.best_loss
-    improved = loss < state.reference_loss - tol * sq_norm_X
-    since = jnp.where(improved, 0, state.since_improvement + 1)
-    iteration = state.iteration + 1
-    done = (since >= patience) | (iteration >= max_iter) | ~jnp.isfinite(loss)
+    better, best_loss, reference_loss, since, iteration, done = stopping_update(
+        state.best_loss, state.reference_loss, state.since_improvement, state.iteration, loss,
+        tol=tol, sq_norm_X=sq_norm_X, patience=patience, max_iter=max_iter)
     return FitState(
         F=F,
         G=G,
         stats=stats,
         best_F=jnp.where(better, F, state.best_F),
         best_G=jnp.where(better, G, state.best_G),
-        best_loss=jnp.where(better, loss, state.best_loss),
-        reference_loss=jnp.where(improved, loss, state.reference_loss),
+        best_loss=best_loss,
+        reference_loss=reference_loss,
         since_improvement=since,
         iteration=iteration,
         done=done,

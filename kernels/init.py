@@ -1,6 +1,6 @@
 """Seeded initializers: each returns ``(F0, G0)`` with ``F0`` (d × k) and ``G0`` (n × k) ≥ 0.
 
-The first iteration recomputes ``F`` from ``G`` (DESIGN.md step 1), so ``G0`` is what matters;
+The first iteration recomputes ``F`` from ``G`` (docs/architecture.md, step 1), so ``G0`` is what matters;
 ``F0`` is returned for completeness (and for users who want to inspect the starting point).
 """
 
@@ -17,6 +17,10 @@ from jsnmf.kernels.steps import matmul_f32
 
 # Initial codes are kept strictly positive: the multiplicative update cannot move a zero.
 CODES_FLOOR = 1e-6
+# The SVD start's range finder, and the k-means start (Ding et al. 2010); the streamed starts
+# (jsnmf.fit.stream) use the same values.
+SVD_OVERSAMPLE, SVD_POWER_ITERS = 10, 2
+KMEANS_ITERS, KMEANS_OFFSET = 20, 0.2
 
 
 def _times_u32(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -73,7 +77,8 @@ def random_init(key: jax.Array, X: jax.Array, k: int):
 
 
 @partial(jax.jit, static_argnames=("k", "oversample", "power_iters"))
-def svd_init(key: jax.Array, X: jax.Array, k: int, oversample: int = 10, power_iters: int = 2):
+def svd_init(key: jax.Array, X: jax.Array, k: int, oversample: int = SVD_OVERSAMPLE,
+             power_iters: int = SVD_POWER_ITERS):
     """SVD start in the spirit of Ding et al.: ``X ≈ U S Vᵀ`` (rank k), ``F = V``, ``G = (U S)⁺``.
 
     The truncated SVD is a randomized range finder (Halko et al. 2011) so it costs a few passes of
@@ -101,7 +106,7 @@ def svd_init(key: jax.Array, X: jax.Array, k: int, oversample: int = 10, power_i
 
 
 @partial(jax.jit, static_argnames=("k", "n_iter"))
-def kmeans_init(key: jax.Array, X: jax.Array, k: int, n_iter: int = 20, offset: float = 0.2):
+def kmeans_init(key: jax.Array, X: jax.Array, k: int, n_iter: int = KMEANS_ITERS, offset: float = KMEANS_OFFSET):
     """k-means start (Ding et al. 2010): Lloyd's iterations on the rows of ``X``.
 
     ``F`` holds the centroids, ``G`` the one-hot cluster indicators plus ``offset`` (0.2, as Ding
@@ -128,4 +133,6 @@ def kmeans_init(key: jax.Array, X: jax.Array, k: int, n_iter: int = 20, offset: 
     return centroids.T, G
 
 
+# The initializer registry: name -> in-memory start ``(key, X, k) -> (F0, G0)``. Each name also needs
+# its streamed pass in jsnmf.fit.stream.STREAMED_STARTS (checked there at import).
 INITIALIZERS = {"random": random_init, "svd": svd_init, "kmeans": kmeans_init}

@@ -1,4 +1,4 @@
-"""The fit sharded over devices: tokens split over the mesh axis ``data`` (DESIGN.md, "Sharding is cheap").
+"""The fit sharded over devices: tokens split over the mesh axis ``data`` (docs/architecture.md, "The algorithm").
 
 Each device holds its rows of ``X`` and ``G``; ``F`` and the d×k / k×k statistics are replicated.
 The whole block of iterations (the ``lax.while_loop`` of :func:`jsnmf.kernels.fit.run_block`) runs
@@ -21,8 +21,7 @@ from functools import lru_cache, partial
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh, PartitionSpec
 
 from jsnmf.kernels.fit import FitState, SolverConfig, initial_state, run_block, solve_codes
 from jsnmf.kernels.steps import Statistics, matmul_f32
@@ -42,22 +41,14 @@ def check_mesh(mesh) -> Mesh:
     return mesh
 
 
-def row_spec(batched: bool = False) -> P:
+def row_spec(batched: bool = False) -> PartitionSpec:
     """Partition of a (layers ×) rows × columns array: rows split over ``data``."""
-    return P(None, DATA, None) if batched else P(DATA, None)
-
-
-def row_sharding(mesh: Mesh, batched: bool = False) -> NamedSharding:
-    return NamedSharding(mesh, row_spec(batched))
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P())
+    return PartitionSpec(None, DATA, None) if batched else PartitionSpec(DATA, None)
 
 
 def state_specs(batched: bool = False) -> FitState:
     """Where each leaf of :class:`FitState` lives: codes by rows, everything else replicated."""
-    rows, rep = row_spec(batched), P()
+    rows, rep = row_spec(batched), PartitionSpec()
     return FitState(F=rep, G=rows, stats=Statistics(rep, rep, rep), best_F=rep, best_G=rows, best_loss=rep,
                     reference_loss=rep, since_improvement=rep, iteration=rep, done=rep)
 
@@ -65,7 +56,7 @@ def state_specs(batched: bool = False) -> FitState:
 @lru_cache(maxsize=64)
 def state_initializer(mesh: Mesh, batched: bool = False):
     """Compiled ``(X, F0, G0) -> FitState`` with the statistics of ``G0`` summed over the mesh."""
-    rows, rep = row_spec(batched), P()
+    rows, rep = row_spec(batched), PartitionSpec()
     body = partial(initial_state, axis_name=DATA)
     if batched:
         body = jax.vmap(body)
@@ -81,7 +72,7 @@ def block_runner(mesh: Mesh, config: SolverConfig, block_size: int, batched: boo
     ``X``, ``sq_norm_X`` and ``state`` have a leading layer axis and ``losses`` is
     (layers × block_size); the ``while_loop`` runs until every layer is done, finished ones masked.
     """
-    rows, rep = row_spec(batched), P()
+    rows, rep = row_spec(batched), PartitionSpec()
 
     def block(X, sq_norm_X, state, tol, patience, max_iter, stop_at):
         return run_block(X, sq_norm_X, state, tol, patience, max_iter, stop_at,
@@ -108,7 +99,7 @@ def batched_block_runner(config: SolverConfig, block_size: int):
 @lru_cache(maxsize=64)
 def codes_solver(mesh: Mesh, max_sweeps: int = 500):
     """Compiled ``(X, F, tol) -> G``: :func:`solve_codes` on each device's rows, one stopping rule for all."""
-    rows, rep = row_spec(), P()
+    rows, rep = row_spec(), PartitionSpec()
     body = partial(solve_codes, max_sweeps=max_sweeps, axis_name=DATA)
     return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(rows, rep, rep), out_specs=rows))
 

@@ -1,4 +1,4 @@
-"""Plain NumPy SNMF written from the formulas in DESIGN.md, independent of the JAX kernels.
+"""Plain NumPy SNMF written from the formulas in docs/architecture.md, independent of the JAX kernels.
 
 Float64 throughout; used as the reference the kernels and the estimator are checked against.
 """
@@ -34,7 +34,7 @@ def sparsify(F, p):
 
 
 def mu_iteration(X, G, p=None, ridge=1e-6, eps=1e-6):
-    """The five steps of DESIGN.md; returns ``(F, G, loss)`` after one iteration."""
+    """The five steps of docs/architecture.md; returns ``(F, G, loss)`` after one iteration."""
     k = G.shape[1]
     F = X.T @ G @ np.linalg.inv(G.T @ G + ridge * np.eye(k))  # 1. least squares
     if p is not None:
@@ -59,3 +59,29 @@ def run_mu(X, G0, n_iter, p=None):
         F, G, loss = mu_iteration(X, G, p)
         iterates.append((F, G, loss))
     return iterates
+
+
+def apg_codes_reference(G, P, Q, n_steps):
+    """Accelerated projected gradient (FISTA) on ``min_{G≥0} ½·tr(G Q Gᵀ) − tr(Pᵀ G)``, from the formula:
+    step ``1/L`` with ``L = max_i Σ_j |Q_ij|``; ``G⁺ = max(0, Y − (Y Q − P)/L)``,
+    ``t⁺ = (1 + √(1 + 4t²))/2``, ``Y = G⁺ + ((t − 1)/t⁺)(G⁺ − G)``, from ``Y = G``, ``t = 1``."""
+    G, P, Q = (np.asarray(a, np.float64) for a in (G, P, Q))
+    L = np.max(np.sum(np.abs(Q), axis=1))
+    Y, t = G.copy(), 1.0
+    for _ in range(n_steps):
+        G_next = np.maximum(Y - (Y @ Q - P) / L, 0.0)
+        t_next = (1.0 + math.sqrt(1.0 + 4.0 * t * t)) / 2.0
+        Y = G_next + ((t - 1.0) / t_next) * (G_next - G)
+        G, t = G_next, t_next
+    return G
+
+
+def matched_cosines(F_true, F_found):
+    """Cosine of each true column with its Hungarian-matched found column."""
+    from scipy.optimize import linear_sum_assignment
+
+    a = F_true / np.linalg.norm(F_true, axis=0)
+    b = F_found / np.maximum(np.linalg.norm(F_found, axis=0), 1e-12)
+    cos = a.T @ b
+    rows, cols = linear_sum_assignment(-cos)
+    return cos[rows, cols]

@@ -5,21 +5,11 @@ import json
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from scipy.optimize import linear_sum_assignment
 
 import jsnmf
 from jsnmf import SNMF
 
-from snmf_reference import planted_problem, run_mu
-
-
-def matched_cosines(F_true, F_found):
-    """Cosine of each true column with its Hungarian-matched found column."""
-    a = F_true / np.linalg.norm(F_true, axis=0)
-    b = F_found / np.maximum(np.linalg.norm(F_found, axis=0), 1e-12)
-    cos = a.T @ b
-    rows, cols = linear_sum_assignment(-cos)
-    return cos[rows, cols]
+from snmf_reference import matched_cosines, planted_problem, run_mu
 
 
 @pytest.fixture(scope="module")
@@ -225,3 +215,42 @@ def test_loading_something_else_is_refused(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"format": "something"}))
     with pytest.raises(ValueError, match="not a jsnmf SNMF checkpoint"):
         SNMF.load(tmp_path)
+
+
+def _clone_by_hand(model):
+    """What ``sklearn.base.clone`` does: a new object from deep copies of ``get_params(deep=False)``,
+    whose own parameters must then be those very objects (the constructor stores them unchanged)."""
+    import copy
+
+    params = {name: copy.deepcopy(value) for name, value in model.get_params(deep=False).items()}
+    fresh = type(model)(**params)
+    for name, value in fresh.get_params(deep=False).items():
+        assert value is params[name], f"the constructor changed {name!r}"
+    return fresh
+
+
+def test_scikit_learn_parameter_contract(planted):
+    import inspect
+
+    X, _, _ = planted
+    model = SNMF(4, solver="hals", sparsity=None, max_iter=5, progress=False)
+    constructor = [n for n in inspect.signature(SNMF.__init__).parameters if n != "self"]
+    assert list(model.get_params()) == constructor == list(model.get_params(deep=False))
+    assert model.set_params(max_iter=7, tol=0.0) is model and model.max_iter == 7 and model.tol == 0.0
+    with pytest.raises(ValueError, match="invalid parameters \\['nope'\\]"):
+        model.set_params(nope=1)
+    with pytest.raises(ValueError, match="unknown solver"):
+        model.set_params(solver="nope")
+    model.set_params(solver="hals")
+
+    model.fit(X)
+    fresh = _clone_by_hand(model)
+    assert fresh.get_params() == model.get_params() and not hasattr(fresh, "features_")
+    np.testing.assert_array_equal(fresh.fit(X).features_, model.features_)
+
+
+def test_sklearn_clone_works_when_installed(planted):
+    base = pytest.importorskip("sklearn.base")
+    model = SNMF(4, max_iter=5, progress=False, init="svd")
+    fresh = base.clone(model)
+    assert fresh is not model and fresh.get_params() == model.get_params()

@@ -73,7 +73,8 @@ def written(tmp_path_factory, synthetic):
         out, layer=3, features=s["features"], codes=s["codes"], token_ids=s["token_ids"],
         doc_index=s["doc_index"], positions=s["positions"], decode=decode, label_index=s["label_index"],
         labels=s["labels"], vocab=s["vocab"], loss_history=s["loss_history"],
-        fit_info={"n_iter": 40, "relative_error": 0.25, "params": {"rank": 3}}, k_top=5, window=3)
+        fit_info={"n_iter": 40, "relative_error": 0.25, "params": {"rank": 3}},
+        options=report.ReportOptions(k_top=5, window=3))
     return out, layer_report
 
 

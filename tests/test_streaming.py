@@ -4,13 +4,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from scipy.optimize import linear_sum_assignment
 
-from jsnmf import SNMF, streaming
+from jsnmf import SNMF
+from jsnmf.fit import chunk_steps
+from jsnmf.io import hostbuffers, prefetch, sources
 from jsnmf.kernels.init import _times_u32, random_codes, random_keys
 from jsnmf.store import ActivationStore
 
-from snmf_reference import planted_problem
+from snmf_reference import matched_cosines, planted_problem
 
 N, D, K, CHUNK = 1000, 64, 6, 128  # 8 chunks, the last one short (104 rows)
 LAYER = 2
@@ -39,14 +40,6 @@ def rel(a, b):
     return float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b)))
 
 
-def matched_cosines(A, B):
-    a = A / np.linalg.norm(A, axis=0)
-    b = B / np.maximum(np.linalg.norm(B, axis=0), 1e-12)
-    cos = a.T @ b
-    rows, cols = linear_sum_assignment(-cos)
-    return cos[rows, cols]
-
-
 SETTINGS = dict(sparsity=0.2, max_iter=20, tol=0.0, patience=1000, progress=False)
 
 
@@ -68,9 +61,9 @@ def test_streamed_fit_equals_in_memory_fit(data, solver):
 def test_chunk_step_compiles_once_with_a_short_last_chunk(data):
     _, _, store, _ = data
     # A setting no other test uses, so this fit compiles its own per-chunk step.
-    before = streaming._codes_chunk._cache_size()
+    before = chunk_steps.codes_chunk._cache_size()
     SNMF(K, solver="hals", ridge=3e-6, **SETTINGS).fit(store, layer=LAYER)
-    assert streaming._codes_chunk._cache_size() - before == 1
+    assert chunk_steps.codes_chunk._cache_size() - before == 1
     assert store.chunk_bounds[-1] == (896, 1000)  # the short chunk was padded, not compiled apart
 
 
@@ -115,7 +108,7 @@ def test_protocol_source_with_uneven_chunks(data, tmp_path):
 
 def test_bfloat16_store_stays_close_to_float32(data):
     X, F_true, store, bf16 = data
-    assert streaming.make_plan(bf16, LAYER).raw_dtype == jnp.bfloat16  # streamed as stored: 2 bytes a value
+    assert sources.make_plan(bf16, LAYER).raw_dtype == jnp.bfloat16  # streamed as stored: 2 bytes a value
     settings = dict(solver="hals", sparsity=0.2, max_iter=150, tol=1e-7, patience=30, progress=False)
     full = SNMF(K, **settings).fit(store, layer=LAYER)
     low = SNMF(K, dtype="bfloat16", **settings).fit(bf16)
@@ -209,11 +202,11 @@ def test_bad_streaming_settings(kwargs, message):
 def test_a_pass_holds_at_most_two_chunks_of_x(data):
     """The reader maps the next chunk file only once JAX has let go of the one before the last."""
     _, _, store, _ = data
-    plan = streaming.make_plan(store, LAYER, force=True)
+    plan = sources.make_plan(store, LAYER, force=True)
     chunk_files = {str(store.chunk_path(LAYER, i)) for i in range(len(store.chunk_bounds))}
     mapped_counts = []
     for _ in range(3):
-        for chunk in streaming.stream_chunks(plan, streaming.Placement(None, plan)):
+        for chunk in prefetch.stream_chunks(plan, prefetch.Placement(None, plan)):
             jax.block_until_ready(jnp.sum(chunk.X.astype(jnp.float32)))  # use the chunk, as a step does
             with open("/proc/self/maps") as maps:
                 mapped_counts.append(len({line.split()[-1] for line in maps} & chunk_files))
@@ -227,10 +220,13 @@ def test_host_chunks_wait_for_jax_to_let_go(tmp_path):
 
     path = tmp_path / "rows.npy"
     np.save(path, np.arange(64 * 16, dtype=np.float32).reshape(64, 16))
-    offset = streaming._npy_data_offset(path)[0]
-    host = streaming.HostChunks((64, 16), np.float32, keep=2)
-    first = host.mapped(streaming.map_rows(path, offset, (64, 16), np.float32))
-    held = jax.device_put(host.mapped(streaming.map_rows(path, offset, (64, 16), np.float32)))
+    with open(path, "rb") as f:
+        np.lib.format.read_magic(f)
+        np.lib.format.read_array_header_1_0(f)
+        offset = f.tell()
+    host = hostbuffers.HostChunks((64, 16), np.float32, keep=2)
+    first = host.mapped(sources.map_rows(path, offset, (64, 16), np.float32))
+    held = jax.device_put(host.mapped(sources.map_rows(path, offset, (64, 16), np.float32)))
     del first  # the first mapping is unused now: unmapped while waiting
     released = []
 
@@ -242,7 +238,7 @@ def test_host_chunks_wait_for_jax_to_let_go(tmp_path):
     threading.Thread(target=let_go).start()
     host.wait_for_room()  # room for one more: the first is gone, the second still used
     assert not released and host._in_use() == 1
-    third = host.mapped(streaming.map_rows(path, offset, (64, 16), np.float32))
+    third = host.mapped(sources.map_rows(path, offset, (64, 16), np.float32))
     host.wait_for_room()  # two in use until the JAX array is deleted
     assert released and time.perf_counter() >= released[0]
     assert host._in_use() == 1

@@ -1,4 +1,8 @@
-"""Files written whole or not at all: a temporary name in the same directory, fsync, then rename."""
+"""Files written whole or not at all: a temporary name in the same directory, fsync, then rename.
+
+The one atomic writer of the package: JSON manifests, report pages and images, store chunks and
+corpora all go through :func:`atomic_write`.
+"""
 
 from __future__ import annotations
 
@@ -36,3 +40,14 @@ def atomic_write_json(path: Path, value: Any, *, private: bool = False) -> None:
     data = (json.dumps(value, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
     tmp_name = f".{path.name}.{socket.gethostname()}-{os.getpid()}{TMP_SUFFIX}" if private else None
     atomic_write(path, lambda f: f.write(data), tmp_name=tmp_name)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """``data`` at ``path``, atomically (a temporary name unique to this process, then rename)."""
+    path = Path(path)
+    atomic_write(path, lambda f: f.write(data), tmp_name=f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """``text`` as UTF-8 at ``path``, atomically."""
+    atomic_write_bytes(path, text.encode("utf-8"))

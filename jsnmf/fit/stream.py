@@ -1,0 +1,406 @@
+"""Out-of-core SNMF: one pass over the chunks of ``X`` per iteration (docs/architecture.md, "The algorithm").
+
+An iteration needs only ``XᵀG`` (d×k), ``GᵀG`` (k×k) and ``Σ P⊙G`` from the data, all sums over
+tokens. So each iteration computes ``F`` from the statistics of the last pass
+(:func:`~jsnmf.kernels.steps.features_step`), then streams the chunks: each chunk's rows of ``G``
+are updated with that ``F`` (:func:`~jsnmf.kernels.steps.codes_step`) and the chunk's statistics are
+added up for the next ``F`` and the loss. The iterates are those of the in-memory fit up to float
+rounding (the sums are taken chunk by chunk).
+
+Where things live:
+
+- ``X`` is read chunk by chunk from a *chunk source*: an :class:`~jsnmf.store.ActivationStore`
+  layer, a ``np.memmap``, or anything with ``n_tokens``, ``d_mlp``, ``chunk_bounds`` and
+  ``read(layer, start, stop, raw=True)``. A background thread fetches the next chunk, in the on-disk
+  precision (float32, float16 or bfloat16), and puts it on the device while the current chunk
+  computes: a whole chunk file of a store (or rows of a memmap's file) is memory-mapped with its
+  pages read in, anything else is read into one of two reused page-aligned buffers (zero-padded).
+  On the CPU ``jax.device_put`` shares such aligned host memory instead of copying it, so no
+  chunk is copied on the host; the reader maps or fills a chunk only once fewer than two are
+  still held, JAX's references included (:class:`HostChunks`), so two chunks are in use at a time.
+- Every chunk is padded to the same number of rows with zero rows and zero codes (a zero row with
+  zero codes keeps zero codes under both solvers and adds nothing to the statistics), so each
+  per-chunk step compiles once.
+- ``G`` is kept as two buffers (the codes being read, the codes being written) plus the best codes,
+  in memory or in ``.npy`` files read and written with ``pread``/``pwrite`` (``codes_on_disk``), so
+  that on-disk codes do not occupy resident memory.
+- The best iterate is kept as in memory: the best ``F`` on the host, and the best ``G`` copied chunk
+  by chunk during the pass after the one that produced it (no extra pass over ``G``).
+
+Several devices and hosts: with a mesh each step's chunk is split over the devices
+(:class:`Placement`) and the statistics are summed across them; under several processes each
+streams its own chunks (its share of a store, or its own rows of an array), writes its own codes,
+and the passes take as many steps as the longest share (a process with fewer chunks adds zero
+chunks). The iterates are those of the single-device fit up to float rounding.
+
+Initializations: ``"random"`` draws exactly the in-memory ``G0`` chunk by chunk (each value from its
+own Threefry counter, :func:`~jsnmf.kernels.init.random_codes`); ``"kmeans"`` is the in-memory algorithm with
+each Lloyd iteration a pass over the chunks; ``"svd"`` is a streamed randomized subspace iteration
+on ``XᵀX`` with a Rayleigh–Ritz step (the same rank-k subspace as the in-memory range finder up to
+its approximation, not the same numbers); ``(F0, G0)`` reads ``G0`` (array or memmap) by chunks.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jsnmf.fit import chunk_steps as steps
+from jsnmf.fit.loop import FitResult
+from jsnmf.io.codes import DiskCodes, MemoryCodes, fill, process_suffix
+from jsnmf.io.hostbuffers import BufferPool
+from jsnmf.io.prefetch import Chunk, Placement, stream_chunks
+from jsnmf.io.sources import StreamPlan
+from jsnmf.kernels.fit import SolverConfig, stopping_update
+from jsnmf.kernels.init import (CODES_FLOOR, INITIALIZERS, KMEANS_ITERS, SVD_OVERSAMPLE, SVD_POWER_ITERS,
+                                random_keys)
+from jsnmf.kernels.steps import Statistics
+
+__all__ = ["StreamedFit", "StreamState", "STREAMED_STARTS"]
+
+# -- where the chunks go --------------------------------------------------------------------------
+
+
+def _first_non_finite(plan: StreamPlan) -> str:
+    where = plan.describe().get("path")
+    layer = f" layer {plan.layer}" if plan.layer is not None else ""
+    of = f" of {where}{layer}" if where is not None else layer
+    for index, (start, stop) in enumerate(plan.bounds):
+        rows = plan.load(index)[: stop - start].astype(np.float32)
+        bad = np.argwhere(~np.isfinite(rows))
+        if len(bad):
+            row, col = bad[0]
+            return f"X contains NaN or Inf (first at row {start + row}, column {col}{of}, chunk [{start}, {stop}))"
+    return f"X contains NaN or Inf in the rows of another process (process {jax.process_index()}'s rows{of} are finite)"
+
+
+class StreamedFit:
+    """The streamed fit of one estimator on one plan (see the module docstring).
+
+    ``mesh``: split each step's chunk over the mesh's devices (:class:`Placement`); under several
+    processes each streams its own plan and keeps its own codes, and the sizes below are global.
+    """
+
+    def __init__(self, plan: StreamPlan, *, rank: int, init, seed: int, config: SolverConfig, limits,
+                 compute_dtype, mesh=None, work_dir: Path | None = None):
+        from jsnmf.distributed import per_process
+
+        self.plan, self.init, self.seed, self.limits = plan, init, seed, limits
+        self.d, self.k = plan.d, int(rank)
+        self.placement = Placement(mesh, plan)
+        self.row_counts = per_process(plan.rows)  # every process's tokens
+        self.n_local, self.offset = plan.rows, int(self.row_counts[: jax.process_index()].sum())
+        self.n = self.n_tokens = int(self.row_counts.sum())
+        self.steps = int(per_process(len(plan.bounds)).max())  # passes take as many steps as the longest share
+        self.dtype = compute_dtype
+        self.config = config
+        self.work_dir = work_dir
+        self.tokens_per_second = float("nan")
+        self.sq_norms = np.float64(np.nan)
+        self._codes_buffers = BufferPool((plan.chunk_rows, self.k), np.float32)
+        self._compiled: set[str] = set()
+        self._status: Callable[[str], None] = lambda text: None
+        self._buffers: list = []
+
+    def chunks(self, step: str, codes=None) -> Iterator[Chunk]:
+        """A pass over the chunks for ``step``; the first pass of a step compiles it (see ``collect``)."""
+        first = step not in self._compiled
+        self._compiled.add(step)
+        return stream_chunks(self.plan, self.placement, self.steps, codes, collect=first)
+
+    def sample_rows(self, indices) -> np.ndarray:
+        """Rows ``indices`` of the global ``X`` as float32, on every process (a collective)."""
+        from jsnmf.distributed import sum_over_processes
+
+        out = np.zeros((len(indices), self.d), np.float32)
+        for i, row in enumerate(np.asarray(indices).tolist()):
+            local = row - self.offset
+            if 0 <= local < self.n_local:
+                out[i] = self.plan.read_rows(self.plan.offset + local, self.plan.offset + local + 1)[0]
+        return sum_over_processes(out)  # each row is held by one process, zeros elsewhere
+
+    # -- codes buffers
+
+    def _buffer(self, name: str):
+        if self.work_dir is None:
+            return MemoryCodes(self.n_local, self.k)
+        return DiskCodes(self.work_dir / f"{name}{process_suffix()}.npy", self.n_local, self.k)
+
+    def _read_codes(self, buffer, copy_to=None):
+        """Reader of a chunk's codes from ``buffer`` (padded with zero rows), copying them to ``copy_to``."""
+
+        def read(start: int, stop: int) -> np.ndarray:
+            out = self._codes_buffers.take()
+            buffer.read_into(start, stop, out)
+            out[stop - start:] = 0
+            if copy_to is not None:
+                copy_to.write(start, out[: stop - start])
+            return out
+
+        return read
+
+    # -- initialization
+
+    def _initial_codes_function(self) -> Callable[[Chunk], jax.Array] | None:
+        """A function of a chunk giving its initial codes on the device (None: read from ``init`` arrays)."""
+        if not isinstance(self.init, str):
+            return None
+        if self.init not in STREAMED_STARTS:
+            raise ValueError(f"unknown init {self.init!r} for a streamed fit; expected one of "
+                             f"{tuple(STREAMED_STARTS)} or (F0, G0)")
+        return STREAMED_STARTS[self.init](self, jax.random.key(self.seed))
+
+    def _random_start(self, key) -> Callable[[Chunk], jax.Array]:
+        k = self.k
+        _, key_G = random_keys(key)
+        rows, placement = self.plan.chunk_rows, self.placement
+
+        def random_chunk(c: Chunk) -> jax.Array:
+            # Drawn by global token index: the same codes whatever the chunks and processes.
+            G = steps.random_chunk(key_G, jnp.int32(self.offset + c.start), jnp.int32(c.stop - c.start),
+                              chunk_rows=rows, k=k)
+            return G if placement.layout is None else placement.put(np.asarray(G))
+
+        return random_chunk
+
+    def _kmeans_start(self, key) -> Callable[[Chunk], jax.Array]:
+        centroids, dtype = self._kmeans_centroids(key), self.dtype
+        return lambda c: steps.kmeans_codes(c.X, centroids, c.valid, dtype=dtype)
+
+    def _svd_start(self, key) -> Callable[[Chunk], jax.Array]:
+        (V, floor), dtype = self._svd_directions(key), self.dtype
+        return lambda c: steps.svd_codes(c.X, V, floor, c.valid, dtype=dtype)
+
+    def _kmeans_centroids(self, key) -> jax.Array:
+        rows = np.asarray(jax.random.choice(key, self.n, (self.k,), replace=False))
+        seeds = self.sample_rows(rows)
+        centroids = self.placement.replicate(np.asarray(jnp.asarray(seeds, self.dtype).astype(jnp.float32)))
+        for it in range(KMEANS_ITERS):
+            self._status(f"init k-means {it + 1}/{KMEANS_ITERS}")
+            acc = self.placement.replicate(np.zeros((self.k, self.d), np.float32)), \
+                self.placement.replicate(np.zeros((self.k,), np.float32))
+            for c in self.chunks("kmeans"):
+                acc = jax.block_until_ready(steps.kmeans_accumulate(c.X, centroids, c.valid, acc, dtype=self.dtype))
+            sums, counts = acc
+            centroids = jnp.where(counts[:, None] > 0, sums / jnp.maximum(counts, 1.0)[:, None], centroids)
+        return centroids
+
+    def _svd_directions(self, key) -> tuple[jax.Array, jax.Array]:
+        width = min(self.k + SVD_OVERSAMPLE, self.n, self.d)
+        V = self.placement.replicate(np.asarray(jax.random.normal(key, (self.d, width), jnp.float32)))
+        for it in range(SVD_POWER_ITERS + 1):
+            self._status(f"init svd {it + 1}/{SVD_POWER_ITERS + 3}")
+            Z = self.placement.replicate(np.zeros((self.d, width), np.float32))
+            for c in self.chunks("svd power"):
+                Z = jax.block_until_ready(steps.gram_times(c.X, V, Z, dtype=self.dtype))
+            V, _ = jnp.linalg.qr(Z)
+        self._status(f"init svd {SVD_POWER_ITERS + 2}/{SVD_POWER_ITERS + 3}")
+        H = self.placement.replicate(np.zeros((width, width), np.float32))
+        for c in self.chunks("svd ritz"):
+            H = jax.block_until_ready(steps.projected_gram(c.X, V, H, dtype=self.dtype))
+        _, W = jnp.linalg.eigh(H)  # ascending; the top k Ritz vectors are the last columns
+        V = V @ W[:, ::-1][:, : self.k]
+        self._status(f"init svd {SVD_POWER_ITERS + 3}/{SVD_POWER_ITERS + 3}")
+        masses = self.placement.replicate(np.zeros((4, self.k), np.float32))
+        for c in self.chunks("svd signs"):
+            masses = jax.block_until_ready(steps.sign_masses(c.X, V, masses, dtype=self.dtype))
+        pos_sq, neg_sq, pos_sum, neg_sum = masses
+        sign = jnp.where(pos_sq >= neg_sq, 1.0, -1.0)
+        mean_G = jnp.sum(jnp.where(sign > 0, pos_sum, neg_sum)) / (self.n * self.k)
+        floor = jnp.maximum(1e-3 * mean_G, CODES_FLOOR)
+        return V * sign[None, :], floor
+
+    def _initial_arrays(self):
+        from jsnmf.fit.starts import check_initial_pair
+
+        F0, G0 = check_initial_pair(self.init, self.d, self.k, self.n_local, own_rows=jax.process_count() > 1)
+
+        def read(start: int, stop: int) -> np.ndarray:
+            out = self._codes_buffers.take()
+            out[: stop - start] = np.asarray(G0[start:stop], np.float32)
+            out[stop - start:] = 0
+            if not np.isfinite(out).all() or (out < 0).any():
+                raise ValueError(f"init G0 must be finite and non-negative (the codes of SNMF are >= 0); "
+                                 f"rows [{start}, {stop}) are not")
+            return out
+
+        return read
+
+    def initialize(self, current) -> tuple[Statistics, float]:
+        """Draw ``G0`` chunk by chunk into ``current``; return its statistics and ``‖X‖²`` (one pass)."""
+        from jsnmf.distributed import replicated_value
+
+        make_codes = self._initial_codes_function()
+        self._status("init codes")
+        acc = (self._zero_statistics(), self.placement.replicate(np.float32(0.0)))
+        finite = []
+        reader = self._initial_arrays() if make_codes is None else None
+        for c in self.chunks("initialize", reader):
+            G = c.G if make_codes is None else make_codes(c)
+            acc, ok = steps.initial_statistics(c.X, G, acc, dtype=self.dtype)
+            finite.append(ok)
+            jax.block_until_ready((acc, ok))  # done with this chunk of X: bounds the chunks in flight
+            _write_back(current, c.start, c.stop, self.placement.local(G))
+        if not all(bool(replicated_value(ok)) for ok in finite):
+            raise ValueError(_first_non_finite(self.plan))
+        stats, sq_norm_X = acc
+        sq_norm_X = float(replicated_value(sq_norm_X))
+        if sq_norm_X == 0.0:
+            raise ValueError("X is all zeros: there is nothing to factorize")
+        return stats, sq_norm_X
+
+    def _zero_statistics(self) -> Statistics:
+        d, k = self.d, self.k
+        return Statistics(*(self.placement.replicate(np.zeros(shape, np.float32)) for shape in ((d, k), (k, k), ())))
+
+    # -- the fit
+
+    # -- the backend interface of jsnmf.fit.loop
+
+    def _open_buffers(self):
+        self._buffers = [self._buffer("codes_current"), self._buffer("codes_next"), self._buffer("codes_best")]
+        return self._buffers
+
+    def start(self, status) -> StreamState:
+        """The initializer's pass: ``G0`` chunk by chunk, its statistics and ``‖X‖²``."""
+        self._status = status
+        current, _, _ = self._open_buffers()
+        stats, sq_norm_X = self.initialize(current)
+        self.sq_norms = np.float64(sq_norm_X)
+        return StreamState(stats=stats, sq_norm_X=sq_norm_X, best_F=np.zeros((self.d, self.k), np.float32))
+
+    def restore(self, restored) -> StreamState:
+        current, _, best = self._open_buffers()
+        own = slice(self.offset, self.offset + self.n_local)  # restored codes are global
+        fill(current, restored.G[own])
+        if restored.best_G is not None:
+            fill(best, restored.best_G[own])
+        self.sq_norms = np.float64(restored.sq_norm_X)
+        history = np.asarray(restored.loss_history, np.float32)
+        return StreamState(
+            stats=Statistics(*(self.placement.replicate(a) for a in (restored.XtG, restored.GtG, restored.PG))),
+            sq_norm_X=restored.sq_norm_X, best_F=restored.best_F, best_is_current=restored.best_G is None,
+            best_loss=np.float32(restored.best_loss), reference_loss=np.float32(restored.reference_loss),
+            since_improvement=restored.since_improvement, iteration=restored.iteration,
+            done=len(history) > 0 and restored.is_done(patience=int(self.limits.patience),
+                                                       max_iter=int(self.limits.max_iter)))
+
+    def iteration(self, state: StreamState) -> int:
+        return state.iteration
+
+    def done(self, state: StreamState) -> bool:
+        return state.done
+
+    def run(self, state: StreamState, stop_at: int):
+        """One iteration: ``F`` from the last statistics, then a pass over the chunks updating ``G``."""
+        from jsnmf.distributed import replicated_value
+
+        current, following, best = self._buffers
+        started = time.perf_counter()
+        sq_device = self.placement.replicate(np.float32(state.sq_norm_X))
+        F, scale, Q = steps.features(state.stats.XtG, state.stats.GtG, config=self.config)
+        acc = self._zero_statistics()
+        reader = self._read_codes(current, copy_to=best if state.best_is_current else None)
+        written = None  # the previous chunk's new codes, written while this chunk computes
+        for c in self.chunks("iterate", reader):
+            G, acc = steps.codes_chunk(c.X, c.G, F, Q, scale, acc, config=self.config, dtype=self.dtype)
+            if written is not None:
+                _write_back(following, *written)
+            jax.block_until_ready(acc)  # done with this chunk of X (see stream_chunks)
+            written = (c.start, c.stop, self.placement.local(G))
+        _write_back(following, *written)
+        loss = np.float32(replicated_value(steps.loss(sq_device, acc, Q)))
+        self.tokens_per_second = self.n / (time.perf_counter() - started)
+        better, best_loss, reference_loss, since, iteration, done = _stopping(
+            state.best_loss, state.reference_loss, np.int32(state.since_improvement), np.int32(state.iteration),
+            loss, tol=np.float32(self.limits.tol), sq_norm_X=np.float32(state.sq_norm_X),
+            patience=np.int32(self.limits.patience), max_iter=np.int32(self.limits.max_iter))
+        better = bool(better)
+        if better:
+            state.best_F = replicated_value(F)
+        # The best codes were copied during this pass if they were the previous iterate.
+        state.best_is_current = better
+        state.best_loss, state.reference_loss = np.float32(best_loss), np.float32(reference_loss)
+        state.since_improvement, state.iteration, state.done = int(since), int(iteration), bool(done)
+        self._buffers = [following, current, best]
+        state.stats = acc
+        return state, np.array([loss], np.float32)
+
+    def checkpoint(self, state: StreamState, losses):
+        """The checkpoint content. Under several processes the codes become a global array on the mesh
+        (each process saves its own rows; the codes are n×k, small beside ``X``)."""
+        from jsnmf.checkpoint import FitProgress, row_blocks
+        from jsnmf.distributed import RowLayout, replicated_value
+
+        current, _, best = self._buffers
+        G, best_G, blocks = current.full(), None if state.best_is_current else best.full(), None
+        if jax.process_count() > 1:
+            layout = RowLayout.build(self.placement.mesh, self.row_counts)
+            G = layout.assemble(np.asarray(G))
+            best_G = None if best_G is None else layout.assemble(np.asarray(best_G))
+            blocks = row_blocks(layout)
+        stats = state.stats
+        return FitProgress(
+            G=G, best_G=best_G, XtG=replicated_value(stats.XtG), GtG=replicated_value(stats.GtG),
+            PG=replicated_value(stats.PG), best_F=np.asarray(state.best_F), best_loss=float(state.best_loss),
+            reference_loss=float(state.reference_loss), since_improvement=state.since_improvement,
+            iteration=state.iteration, sq_norm_X=state.sq_norm_X, loss_history=np.asarray(losses, np.float32),
+            row_blocks=blocks)
+
+    def results(self, state: StreamState, history: np.ndarray, seconds: float) -> list[FitResult]:
+        return [FitResult(features=np.asarray(state.best_F), codes=self.best_codes(state),
+                          loss_history=np.asarray(history, np.float32), n_iter=state.iteration,
+                          best_loss=float(state.best_loss), sq_norm_X=float(state.sq_norm_X), n_features_in=self.d,
+                          seconds=seconds, tokens_per_second=self.tokens_per_second)]
+
+    def best_codes(self, state: StreamState) -> np.ndarray:
+        """The best codes: in memory an array, on disk ``codes.npy`` in the work directory (memory-mapped)."""
+        current, following, best = self._buffers
+        winner = current if state.best_is_current else best
+        if self.work_dir is None:
+            return winner.result()
+        self.close()
+        final = self.work_dir / f"codes{process_suffix()}.npy"
+        os.replace(winner.path, final)
+        for buffer in (current, following, best):
+            if buffer is not winner and buffer.path.exists():
+                buffer.path.unlink()
+        return np.load(final, mmap_mode="r")
+
+    def close(self) -> None:
+        for buffer in self._buffers:
+            buffer.close()
+
+
+STREAMED_STARTS = {"random": StreamedFit._random_start, "kmeans": StreamedFit._kmeans_start,
+                   "svd": StreamedFit._svd_start}
+assert set(STREAMED_STARTS) == set(INITIALIZERS), "every initializer needs its streamed pass"
+
+_stopping = jax.jit(stopping_update)
+
+
+@dataclass
+class StreamState:
+    """The streamed fit's state between passes (the codes themselves are in the backend's buffers)."""
+
+    stats: Statistics  # of the latest codes
+    sq_norm_X: float
+    best_F: np.ndarray
+    best_is_current: bool = False  # the best codes are the latest ones (copied during the next pass)
+    best_loss: np.float32 = np.float32(np.inf)
+    reference_loss: np.float32 = np.float32(np.inf)
+    since_improvement: int = 0
+    iteration: int = 0
+    done: bool = False
+
+
+def _write_back(buffer, start: int, stop: int, G: np.ndarray) -> None:
+    buffer.write(start, G[: stop - start])
+

@@ -1,0 +1,67 @@
+"""Names shared by the whole package: hook names and the layout of a run folder.
+
+A run folder (``jsnmf run``; ``jsnmf extract/fit/report`` step by step) holds::
+
+    store/                          the ActivationStore (jsnmf.store)
+    snmf/layer_{L:02d}/             the fitted SNMF of layer L (SNMF.save)
+    snmf/layer_{L:02d}.fitting/     its fit checkpoints while it runs (removed once saved)
+    report/index.html               the report (jsnmf.report)
+    report/layer_{L:02d}/           report.html, features.json, loss.png, codes.png
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["hook_name", "layer_dir_name", "RunLayout"]
+
+
+def hook_name(layer: int) -> str:
+    """The ecosystem's name of the MLP activation of ``layer``: ``blocks.{layer}.mlp.hook_post``."""
+    return f"blocks.{int(layer)}.mlp.hook_post"
+
+
+def layer_dir_name(layer: int) -> str:
+    """``layer_{L:02d}``: the name of a layer's folder in the store, the checkpoints and the report."""
+    return f"layer_{int(layer):02d}"
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Where each part of a run lives under ``root``."""
+
+    root: Path
+
+    @classmethod
+    def of(cls, root: str | os.PathLike) -> "RunLayout":
+        return cls(Path(root))
+
+    @classmethod
+    def of_store(cls, store_dir: str | os.PathLike) -> "RunLayout":
+        """The run a store folder belongs to (its parent)."""
+        return cls(Path(store_dir).parent)
+
+    @property
+    def store(self) -> Path:
+        return self.root / "store"
+
+    @property
+    def snmf(self) -> Path:
+        return self.root / "snmf"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report"
+
+    def fitted(self, layer: int, snmf_dir: Path | None = None) -> Path:
+        """The saved SNMF of ``layer``."""
+        return (snmf_dir or self.snmf) / layer_dir_name(layer)
+
+    def fitting(self, layer: int, snmf_dir: Path | None = None) -> Path:
+        """The checkpoint folder of ``layer``'s fit while it runs."""
+        return (snmf_dir or self.snmf) / f"{layer_dir_name(layer)}.fitting"
+
+    def report_layer(self, layer: int, report_dir: Path | None = None) -> Path:
+        return (report_dir or self.report) / layer_dir_name(layer)

@@ -1,0 +1,278 @@
+"""Static HTML reports of fitted SNMF features: one page per layer, an index, JSON and PNGs.
+
+Layout written by :func:`write_report` into ``<run>/report/``::
+
+    index.html                  links to the layers, with a summary row per layer
+    layer_{L:02d}/report.html   self-contained page (inline CSS, PNGs embedded as data URIs, no JS)
+    layer_{L:02d}/features.json the same content as data (schema below)
+    layer_{L:02d}/loss.png      loss per iteration
+    layer_{L:02d}/codes.png     distribution of the non-zero codes, and of feature densities
+
+Per feature the page shows its top-activating tokens in context (±``window`` tokens of the same
+document, the token highlighted, its code value), its strongest neurons (largest |F| entries, signed),
+its vocabulary projection (top and bottom tokens of ``model.project_to_vocab``) and, when the corpus
+has labels, the share of its top tokens per label. All token text is HTML-escaped.
+
+``features.json`` schema (``format`` = ``"jsnmf.report.features"``, ``format_version`` = 1)::
+
+    {
+      "format": "jsnmf.report.features", "format_version": 1,
+      "layer": int, "hook_name": "blocks.{L}.mlp.hook_post",
+      "rank": int, "n_tokens": int, "d_mlp": int,
+      "fit": {"n_iter": int|null, "relative_error": float|null, "final_loss": float|null,
+              "params": {...}|null},
+      "l0": float,                       # mean number of active features per token
+      "labels": [str, ...],              # the corpus labels ([] when none)
+      "features": [
+        {
+          "feature": int,                # column of F / G
+          "density": float,              # fraction of tokens with code > 0
+          "mean_code": float, "max_code": float, "dead": bool,
+          "top_tokens": [                # largest codes first, codes <= 0 left out
+            {"token_index": int,         # row of the store / of G
+             "token": str,               # the token's text
+             "value": float,             # its code G[token_index, feature]
+             "document": int, "position": int,
+             "label": str|null,
+             "context": {"left": str, "token": str, "right": str}}   # left+token+right = the window
+          ],
+          "top_neurons": [{"neuron": int, "weight": float}],          # largest |F[:, feature]| first
+          "vocab_top": [{"token": str, "logit": float}],              # [] when no model was given
+          "vocab_bottom": [{"token": str, "logit": float}],
+          "label_shares": {label: float}                               # {} when the corpus has no labels
+        }
+      ]
+    }
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from jsnmf import analysis
+from jsnmf.io.files import atomic_write_bytes, atomic_write_text
+from jsnmf.layout import RunLayout, hook_name, layer_dir_name
+from jsnmf.report.features import FEATURES_FORMAT, FEATURES_VERSION, LayerReport, build_features, read_features
+from jsnmf.report.images import codes_png, loss_png
+from jsnmf.report.pages import data_uri, page, render_layer_html
+from jsnmf.report.panels import PANELS, Panel, PanelInputs, ReportOptions, esc
+
+__all__ = ["FEATURES_FORMAT", "LayerReport", "ReportOptions", "Panel", "PanelInputs", "PANELS", "build_features",
+           "write_layer_report", "write_index", "write_report", "read_features", "render_layer_html",
+           "loss_png", "codes_png", "layer_dir_name"]
+
+log = logging.getLogger(__name__)
+
+
+def write_layer_report(
+    out_dir: str | os.PathLike,
+    *,
+    layer: int,
+    features: np.ndarray,
+    codes: np.ndarray,
+    token_ids: np.ndarray,
+    doc_index: np.ndarray,
+    positions: np.ndarray,
+    decode: Callable[[list[int]], str],
+    label_index: np.ndarray | None = None,
+    labels: Sequence[str] = (),
+    vocab: list[dict] | None = None,
+    loss_history: np.ndarray | None = None,
+    fit_info: dict | None = None,
+    options: ReportOptions = None,
+    progress: bool = False,
+) -> LayerReport:
+    """Write ``report.html``, ``features.json``, ``loss.png`` and ``codes.png`` into ``out_dir``.
+
+    Arguments as :func:`build_features`; ``fit_info`` may hold ``n_iter``, ``relative_error``,
+    ``params`` of the fit. Each file is written atomically.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    codes = np.asarray(codes)
+    records = build_features(
+        features, codes, token_ids=token_ids, doc_index=doc_index, positions=positions, decode=decode,
+        label_index=label_index, labels=labels, vocab=vocab, options=options, progress=progress)
+    stats = analysis.code_statistics(codes)
+    fit_info = dict(fit_info or {})
+    history = None if loss_history is None else np.asarray(loss_history, dtype=np.float64)
+    data = {
+        "format": FEATURES_FORMAT,
+        "format_version": FEATURES_VERSION,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "layer": int(layer),
+        "hook_name": hook_name(layer),
+        "rank": int(codes.shape[1]),
+        "n_tokens": int(codes.shape[0]),
+        "d_mlp": int(np.shape(features)[0]),
+        "fit": {
+            "n_iter": fit_info.get("n_iter"),
+            "relative_error": fit_info.get("relative_error"),
+            "final_loss": float(history[-1]) if history is not None and history.size else None,
+            "params": fit_info.get("params"),
+        },
+        "l0": float(stats["l0"]),
+        "labels": list(labels),
+        "features": records,
+    }
+    loss, code_hist = loss_png(history), codes_png(codes)
+    atomic_write_bytes(out_dir / "loss.png", loss)
+    atomic_write_bytes(out_dir / "codes.png", code_hist)
+    atomic_write_text(out_dir / "features.json", json.dumps(data, ensure_ascii=False, indent=1) + "\n")
+    atomic_write_text(out_dir / "report.html", render_layer_html(data, data_uri(loss), data_uri(code_hist)))
+    return LayerReport(
+        layer=int(layer), html=out_dir / "report.html", features_json=out_dir / "features.json",
+        rank=data["rank"], n_tokens=data["n_tokens"], n_dead=int(stats["dead"].sum()), l0=data["l0"],
+        relative_error=fit_info.get("relative_error"), n_iter=fit_info.get("n_iter"),
+    )
+
+
+def write_index(report_dir: str | os.PathLike, layers: Sequence[LayerReport], run_info: dict | None = None) -> Path:
+    """Write ``report_dir/index.html`` linking every layer's page; ``run_info``: name -> value facts."""
+    report_dir = Path(report_dir)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    facts = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in (run_info or {}).items())
+    rows = ["<tr><th>layer</th><th class=num>rank</th><th class=num>tokens</th><th class=num>relative error</th>"
+            "<th class=num>iterations</th><th class=num>L0</th><th class=num>dead</th></tr>"]
+    for r in sorted(layers, key=lambda r: r.layer):
+        link = os.path.relpath(r.html, report_dir)
+        rel = "" if r.relative_error is None else f"{r.relative_error:.4f}"
+        rows.append(
+            f"<tr><td><a href=\"{esc(link)}\">Layer {r.layer}</a></td><td class=num>{r.rank}</td>"
+            f"<td class=num>{r.n_tokens:,}</td><td class=num>{rel}</td><td class=num>{r.n_iter if r.n_iter is not None else ''}</td>"
+            f"<td class=num>{r.l0:.2f}</td><td class=num>{r.n_dead}</td></tr>")
+    body = ("<h1>jsnmf report</h1>" + (f"<table class=summary>{facts}</table>" if facts else "")
+            + "<h2>Layers</h2><table class=summary>" + "\n".join(rows) + "</table>")
+    path = report_dir / "index.html"
+    atomic_write_text(path, page("jsnmf report", body))
+    return path
+
+
+def _load_decoder(store):
+    """``tokenizer.decode`` for the store's tokenizer (recorded at extraction time)."""
+    from jsnmf.models import load_tokenizer
+
+    path = store.tokenizer_path
+    if path is None or not Path(path).is_dir():
+        raise FileNotFoundError(
+            f"{store.path}: the tokenizer recorded in the store ({path}) is not available; cannot decode tokens")
+    tokenizer = load_tokenizer(path)
+    return lambda ids: tokenizer.decode(ids)
+
+
+def _store_model_path(store) -> str | None:
+    model = store.manifest.get("model")
+    if isinstance(model, dict):
+        return model.get("path") or model.get("path_or_id")
+    return model
+
+
+def _vocab_projections(model, layer: int, features: np.ndarray, decode, n: int) -> list[dict]:
+    """Vocabulary projection of every feature; all-zero columns (dead features) get empty lists."""
+    features = np.asarray(features, dtype=np.float32)
+    live = np.flatnonzero(np.linalg.norm(features, axis=0) > 0)
+    result = [{"top": [], "bottom": []} for _ in range(features.shape[1])]
+    if live.size:
+        for j, projection in zip(live, analysis.project_features_to_vocab(model, layer, features[:, live], decode, n)):
+            result[j] = projection
+    return result
+
+
+def write_report(
+    run_dir: str | os.PathLike,
+    *,
+    store_dir: str | os.PathLike | None = None,
+    snmf_dir: str | os.PathLike | None = None,
+    out_dir: str | os.PathLike | None = None,
+    layers: Sequence[int] | None = None,
+    model=None,
+    options: ReportOptions = None,
+    progress: bool = True,
+) -> Path:
+    """Write the report of a run and return the path of its ``index.html``.
+
+    A run directory holds ``store/`` (the ActivationStore) and ``snmf/layer_{L:02d}/`` (``SNMF.save``
+    checkpoints); ``store_dir``, ``snmf_dir`` and ``out_dir`` (default ``<run>/report``) override
+    those places. ``layers`` defaults to every layer with a checkpoint. ``options.vocab``: compute
+    the vocabulary projections, with ``model`` or else the model recorded in the store (skipped with
+    a warning when that model cannot be loaded).
+    """
+    options = options or ReportOptions()
+    vocab = options.vocab
+    from jsnmf.estimator import SNMF
+    from jsnmf.store import ActivationStore
+
+    run_dir = Path(run_dir).expanduser().resolve()
+    run = RunLayout.of(run_dir)
+    store = ActivationStore.open(Path(store_dir) if store_dir else run.store)
+    snmf_dir = Path(snmf_dir) if snmf_dir else run.snmf
+    out_dir = Path(out_dir) if out_dir else run.report
+    if layers is None:
+        layers = [layer for layer in store.layers if run.fitted(layer, snmf_dir).is_dir()]
+        if not layers:
+            raise FileNotFoundError(f"no fitted layers: {snmf_dir} has no layer_XX checkpoints (run `jsnmf fit` first)")
+    for layer in layers:
+        if layer not in store.layers:
+            raise ValueError(f"layer {layer} is not in the store {store.path} (layers {store.layers})")
+        if not run.fitted(layer, snmf_dir).is_dir():
+            raise FileNotFoundError(f"no checkpoint for layer {layer}: {run.fitted(layer, snmf_dir)} is missing")
+    decode = _load_decoder(store)
+    if vocab and model is None:
+        model = _try_load_model(_store_model_path(store))
+    reports = []
+    for layer in tqdm(layers, desc="report", disable=not progress):
+        fitted = SNMF.load(run.fitted(layer, snmf_dir))
+        if fitted.codes_.shape[0] != store.n_tokens:
+            raise ValueError(
+                f"{run.fitted(layer, snmf_dir)}: the codes have {fitted.codes_.shape[0]} rows but the store "
+                f"has {store.n_tokens} tokens; was it fitted on this store?")
+        projections = _vocab_projections(model, layer, fitted.features_, decode, options.n_vocab) if (vocab and model) else None
+        reports.append(write_layer_report(
+            run.report_layer(layer, out_dir), layer=layer, features=fitted.features_, codes=fitted.codes_,
+            token_ids=store.token_ids, doc_index=store.doc_index, positions=store.positions, decode=decode,
+            label_index=store.label_index, labels=store.labels, vocab=projections,
+            loss_history=getattr(fitted, "loss_history_", None),
+            fit_info={"n_iter": getattr(fitted, "n_iter_", None),
+                      "relative_error": getattr(fitted, "relative_error_", None),
+                      "params": _json_params(fitted)},
+            options=options))
+    run_info = {
+        "model": _store_model_path(store) or "",
+        "corpus": (store.manifest.get("corpus") or {}).get("path", ""),
+        "store": str(store.path),
+        "tokens": f"{store.n_tokens:,}",
+        "documents": len(store.documents),
+        "checkpoints": str(snmf_dir),
+    }
+    return write_index(out_dir, reports, run_info)
+
+
+def _json_params(fitted) -> dict | None:
+    try:
+        params = fitted.get_params()
+    except AttributeError:
+        return None
+    return {k: v for k, v in params.items() if isinstance(v, (str, int, float, bool, type(None)))}
+
+
+def _try_load_model(path: str | None):
+    """The model for vocabulary projections, or None (with a warning) when it cannot be loaded."""
+    if not path:
+        log.warning("the store records no model; the report leaves out vocabulary projections")
+        return None
+    from jsnmf import models
+
+    try:
+        model, _ = models.load(path, tokenizer=False)
+        return model
+    except (OSError, ValueError) as err:
+        log.warning("cannot load the model %s (%s); the report leaves out vocabulary projections", path, err)
+        return None
