@@ -243,3 +243,28 @@ def test_host_chunks_wait_for_jax_to_let_go(tmp_path):
     assert released and time.perf_counter() >= released[0]
     assert host._in_use() == 1
     np.testing.assert_array_equal(third[1], np.arange(16, 32))
+
+
+def test_a_finished_fit_lets_go_of_its_plan_without_the_garbage_collector(data):
+    """No reference cycle keeps the plan, and the chunk files it maps, alive after a fit."""
+    import gc
+    import weakref
+
+    from jsnmf.io import sources as sources_module
+
+    _, _, store, _ = data
+    plans = []
+    real = sources_module.StreamPlan.__post_init__
+
+    def spy(self):
+        real(self)
+        plans.append(weakref.ref(self))
+
+    gc.disable()
+    try:
+        sources_module.StreamPlan.__post_init__ = spy
+        SNMF(K, **SETTINGS).fit(store, layer=LAYER)
+        assert plans and all(plan() is None for plan in plans)
+    finally:
+        sources_module.StreamPlan.__post_init__ = real
+        gc.enable()
