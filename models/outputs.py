@@ -6,10 +6,9 @@ import dataclasses
 import jax
 import numpy as np
 
+from jsnmf.layout import hook_name  # the one place hook names are spelled
 
-def hook_name(layer: int) -> str:
-    """The ecosystem name of layer ``layer``'s MLP activation (the input of the down-projection)."""
-    return f"blocks.{int(layer)}.mlp.hook_post"
+__all__ = ["GenerateOutput", "ModelOutput", "hook_name"]
 
 
 @dataclasses.dataclass
