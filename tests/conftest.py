@@ -4,3 +4,16 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def demo_model(tmp_path_factory):
+    """(model, tokenizer, planted) of the planted demo model, built once for the whole run."""
+    import jsnmf.models as jm
+    from jsnmf import demo
+
+    directory = demo.build_demo_model(tmp_path_factory.mktemp("demo") / "model")
+    model, tokenizer = jm.load(directory)
+    return model, tokenizer, demo.read_planted(directory)

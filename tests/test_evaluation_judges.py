@@ -3,28 +3,17 @@ fluency, the matched-vs-mismatched validation, and the [0, 1] mapping with the h
 import json
 from types import SimpleNamespace
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import jsnmf.models as jm
+from planted import planted_direction
 from jsnmf import demo
 from jsnmf.evaluation import (Fluency, LexiconJudge, LikelihoodRatioJudge, ScoreScale, harmonic_mean, prompt_ids,
                               steered_generate, text_logprobs, validate_judge)
 
 
-@pytest.fixture(scope="module")
-def demo_model(tmp_path_factory):
-    directory = demo.build_demo_model(tmp_path_factory.mktemp("demo") / "model")
-    model, tokenizer = jm.load(directory)
-    return model, tokenizer, demo.read_planted(directory)
-
-
-def _planted(model, planted, layer, concept):
-    v = np.zeros(model.config.d_mlp, np.float32)
-    v[planted["layers"][str(layer)][concept]] = 1.0
-    return v
 
 
 # ---------------------------------------------------------------- steered generation
@@ -32,7 +21,7 @@ def _planted(model, planted, layer, concept):
 
 def test_steered_generation_has_the_requested_length_and_alpha_zero_is_unsteered(demo_model):
     model, tok, planted = demo_model
-    v = _planted(model, planted, 1, "animals")
+    v = planted_direction(model, planted, 1, "animals")
     samples = steered_generate(model, tok, v, 1, "hook_post", [0.0, 60.0], n_samples=3, max_new_tokens=50, seed=7)
     assert [s.alpha for s in samples] == [0.0, 60.0]
     for s in samples:

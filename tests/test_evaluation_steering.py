@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import jsnmf.models as jm
+from planted import planted_direction
 import tiny_models as tm
 from jsnmf import demo
 from jsnmf.evaluation import alpha_for_kl, kl_at, next_token_kl, site_activations
@@ -200,17 +201,6 @@ def test_replace_with_a_raw_vector_sets_the_projection_to_alpha_v():
 # ---------------------------------------------------------------- the planted demo model
 
 
-@pytest.fixture(scope="module")
-def demo_model(tmp_path_factory):
-    directory = demo.build_demo_model(tmp_path_factory.mktemp("demo") / "model")
-    model, tokenizer = jm.load(directory)
-    return model, tokenizer, demo.read_planted(directory)
-
-
-def _planted(model, planted, layer, concept):
-    v = np.zeros(model.config.d_mlp, np.float32)
-    v[planted["layers"][str(layer)][concept]] = 1.0
-    return v
 
 
 def _prompt(tokenizer, text="We saw a"):
@@ -224,7 +214,7 @@ def test_steering_a_planted_feature_raises_its_words(demo_model):
     plain = np.asarray(model(prompt).logits)
     for concept in ("animals", "months", "vehicles"):
         words = tok.convert_tokens_to_ids(list(demo.CONCEPTS[concept]))
-        v = _planted(model, planted, layer, concept)
+        v = planted_direction(model, planted, layer, concept)
         u = jm.feature_to_mlp_out(model, layer, v)
         sites = {"hook_post": (v, (0.0, 20.0, 40.0, 60.0, 80.0)), "hook_mlp_out": (u, (0.0, 4.0, 8.0, 12.0))}
         for site, (direction, alphas) in sites.items():
@@ -254,7 +244,7 @@ def test_steering_a_planted_feature_raises_its_words(demo_model):
 def test_alpha_for_kl_hits_every_reachable_target(demo_model, site):
     model, tok, planted = demo_model
     prompt = _prompt(tok, "I think")
-    v = _planted(model, planted, 1, "animals")
+    v = planted_direction(model, planted, 1, "animals")
     direction = v if site == "hook_post" else jm.feature_to_mlp_out(model, 1, v)
     search = alpha_for_kl(model, direction, site, 1, prompt, rtol=0.02)
     assert [t.target for t in search.targets] == [0.025, 0.05, 0.1, 0.25, 0.5, 1.0]
@@ -271,7 +261,7 @@ def test_alpha_for_kl_hits_every_reachable_target(demo_model, site):
 def test_alpha_for_kl_reports_unreachable_targets(demo_model):
     model, tok, planted = demo_model
     prompt = _prompt(tok, "I think")
-    v = _planted(model, planted, 1, "animals")
+    v = planted_direction(model, planted, 1, "animals")
     # α is capped below where KL climbs past the larger targets
     search = alpha_for_kl(model, v, "hook_post", 1, prompt, targets=(0.025, 0.1, 5.0, 1e6), alpha_max=46.0)
     assert len(search.targets) == 4  # no target is dropped
