@@ -254,3 +254,46 @@ def test_sklearn_clone_works_when_installed(planted):
     model = SNMF(4, max_iter=5, progress=False, init="svd")
     fresh = base.clone(model)
     assert fresh is not model and fresh.get_params() == model.get_params()
+
+
+# -- non-finite data and iterates (hardening): a clear error, never a NaN result or a checkpoint ----
+
+@pytest.mark.parametrize("dtype, scale", [("float32", 1e20), ("float16", 1e5)])
+def test_values_that_overflow_the_dtype_raise_instead_of_a_nan_fit(dtype, scale):
+    """Used to return relative_error_ = nan after one iteration with an empty loss_history_."""
+    from jsnmf.fit.loop import NonFiniteError
+
+    X = np.abs(np.random.default_rng(0).standard_normal((200, 32))).astype(np.float32) * scale
+    with pytest.raises(NonFiniteError, match=r"sum of squares of X is inf.*too large for the fit's dtype"):
+        SNMF(4, max_iter=20, dtype=dtype, progress=False).fit(X)
+
+
+def test_overflow_with_checkpoints_exits_promptly_and_writes_no_checkpoint(tmp_path):
+    """With checkpoint_dir set, the NaN fit used to fail inside orbax's save and never exit."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import numpy as np
+        from jsnmf import SNMF
+        X = np.abs(np.random.default_rng(0).standard_normal((200, 32))).astype("f4") * 1e20
+        SNMF(4, max_iter=20, progress=False).fit(X, checkpoint_dir={str(tmp_path / "ckpt")!r})
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "NonFiniteError" in done.stderr and "sum of squares of X is inf" in done.stderr
+    steps = [p for p in (tmp_path / "ckpt").rglob("*") if p.is_dir() and p.name.isdigit()]
+    assert steps == [], f"checkpoints were written: {steps}"
+
+
+def test_non_finite_losses_are_told_from_padding():
+    from jsnmf.fit.loop import NonFiniteError, check_finite_losses
+
+    check_finite_losses(np.array([3.0, 2.0, np.nan], np.float32), advanced=2, start=0)  # one fit ended early
+    check_finite_losses(np.array([[3.0, 2.0, 1.0], [3.0, np.nan, np.nan]], np.float32), advanced=3, start=5)
+    with pytest.raises(NonFiniteError, match=r"loss became nan at iteration 12"):
+        check_finite_losses(np.array([3.0, np.nan, 1.0], np.float32), advanced=3, start=10)
+    with pytest.raises(NonFiniteError, match=r"loss became inf at iteration 2 \(fit 1\)"):
+        check_finite_losses(np.array([[3.0, 2.0], [3.0, np.inf]], np.float32), advanced=2, start=0)
+    with pytest.raises(NonFiniteError, match=r"iteration 2 \(fit 0\)"):
+        check_finite_losses(np.array([[3.0, np.nan, 1.0], [1.0, 1.0, 1.0]], np.float32), advanced=3, start=0)

@@ -32,7 +32,7 @@ from typing import Any
 import jax
 import numpy as np
 
-__all__ = ["FitResult", "drive", "fit", "progress_bar"]
+__all__ = ["FitResult", "NonFiniteError", "drive", "fit", "progress_bar"]
 
 
 @dataclass
@@ -68,6 +68,7 @@ def drive(backend, *, max_iter: int, progress: bool, checkpointer=None) -> tuple
             status("restoring")
             state, blocks = backend.restore(restored), [np.asarray(restored.loss_history, np.float32)]
         sq_norms = np.asarray(backend.sq_norms, np.float64).reshape(-1)
+        check_finite_norms(sq_norms)  # before any iteration, so no checkpoint of garbage is written
         if bar is not None:
             bar.update(backend.iteration(state))
         while not backend.done(state):
@@ -76,6 +77,7 @@ def drive(backend, *, max_iter: int, progress: bool, checkpointer=None) -> tuple
             started = time.perf_counter()
             state, losses = backend.run(state, stop_at)
             losses = np.asarray(losses, np.float32)
+            check_finite_losses(losses, backend.iteration(state) - iteration, iteration)
             blocks.append(losses)
             ran = np.sum(~np.isnan(losses.reshape(-1, losses.shape[-1])), axis=1)
             if bar is not None and ran.max() > 0:
@@ -90,6 +92,39 @@ def drive(backend, *, max_iter: int, progress: bool, checkpointer=None) -> tuple
     if not blocks:
         return state, np.zeros((len(sq_norms), 0) if np.ndim(backend.sq_norms) else (0,), np.float32)
     return state, np.concatenate(blocks, axis=-1)
+
+
+class NonFiniteError(ValueError):
+    """The data or the iterates left the finite range of the fit's precision."""
+
+
+def check_finite_norms(sq_norms: np.ndarray) -> None:
+    """‖X‖² must be finite: an infinite or NaN sum means X holds non-finite values or values whose
+    squares overflow the precision (float32 above about 1.8e19 per entry; float16 above 65,504)."""
+    bad = [i for i, value in enumerate(sq_norms) if not np.isfinite(value)]
+    if bad:
+        which = "X" if len(sq_norms) == 1 else f"X of fit(s) {bad}"
+        raise NonFiniteError(
+            f"the sum of squares of {which} is {sq_norms[bad[0]]}: X holds non-finite values, or values too "
+            "large for the fit's dtype (float32 overflows when |X| reaches about 1.8e19, float16 above "
+            "65,504); rescale X (for example divide by its largest |value|) or fit in float32")
+
+
+def check_finite_losses(losses: np.ndarray, advanced: int, start: int) -> None:
+    """Every loss of an iteration that ran must be finite (``nan`` past a fit's end is padding)."""
+    rows = losses.reshape(-1, losses.shape[-1])
+    # Infinities are never padding; a nan followed by a number in one fit's row is not padding either.
+    ran = rows[:, :advanced] if rows.shape[0] == 1 else rows
+    finite = np.isfinite(ran)
+    padding = np.isnan(ran) & ~np.flip(np.logical_or.accumulate(np.flip(finite, -1), -1), -1)
+    bad = ~finite & ~(padding if rows.shape[0] > 1 else np.zeros_like(finite))
+    if bad.any():
+        fit_index, position = (int(i[0]) for i in np.nonzero(bad))
+        where = f" (fit {fit_index})" if rows.shape[0] > 1 else ""
+        raise NonFiniteError(
+            f"the loss became {ran[fit_index, position]} at iteration {start + position + 1}{where}: the "
+            "factors left the finite range of the fit's dtype; rescale X (for example divide by its "
+            "largest |value|), lower the sparsity or fit in float32")
 
 
 def fit(backend, *, max_iter: int, progress: bool, checkpointer=None) -> list[FitResult]:
