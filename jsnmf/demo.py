@@ -430,12 +430,22 @@ def build_demo_model(out_dir: str | os.PathLike, spec: DemoSpec = DemoSpec()) ->
                   "concepts": {k: list(v) for k, v in CONCEPTS.items()}, "layers": planted}
         (tmp / PLANTED_FILE).write_text(json.dumps(record, indent=1) + "\n")
         if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+            _replace_demo_files(tmp, out_dir)
+        else:
+            os.replace(tmp, out_dir)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
     return out_dir
+
+
+def _replace_demo_files(new: Path, out_dir: Path) -> None:
+    """Move the freshly built files over the old demo's, touching nothing else in ``out_dir`` (a user's
+    files there survive a rebuild). The marker ``planted.json`` goes first and comes back last, so a
+    kill in between leaves a folder that is not taken for a built demo and is rebuilt next time."""
+    (out_dir / PLANTED_FILE).unlink(missing_ok=True)
+    for path in sorted(new.iterdir(), key=lambda p: p.name == PLANTED_FILE):
+        os.replace(path, out_dir / path.name)
 
 
 def _is_built(out_dir: Path, spec: DemoSpec) -> bool:

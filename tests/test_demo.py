@@ -56,6 +56,26 @@ def test_build_is_deterministic_and_reused(model_dir, tmp_path):
     assert (other / "model.safetensors").stat().st_mtime_ns == stamp  # an existing build is reused
 
 
+def test_rebuild_replaces_only_the_demo_files(model_dir, tmp_path):
+    """A stale demo (here: another corpus hash) is rebuilt in place; a user's files beside it survive
+    (the rebuild used to delete the whole folder)."""
+    import json
+    import shutil
+
+    stale = tmp_path / "stale"
+    shutil.copytree(model_dir, stale)
+    (stale / "notes.txt").write_text("mine")
+    record = json.loads((stale / "planted.json").read_text())
+    record["corpus_sha256"] = "0" * 64
+    (stale / "planted.json").write_text(json.dumps(record))
+    (stale / "model.safetensors").write_bytes(b"stale")
+    assert demo.build_demo_model(stale) == stale.resolve()
+    assert (stale / "notes.txt").read_text() == "mine"
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "planted.json"):
+        assert (stale / name).read_bytes() == (model_dir / name).read_bytes(), name
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".stale.")]  # no scratch left
+
+
 def test_build_refuses_a_foreign_directory(tmp_path):
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "notes.txt").write_text("mine")
