@@ -45,8 +45,8 @@ def seconds_per_iteration(X, k: int, solver: str, mesh, short: int, long: int, r
 
     def fit(iters: int) -> float:
         start = time.perf_counter()
-        SNMF(k, solver=solver, sparsity=0.01, max_iter=iters, patience=10**9, tol=0.0, progress=False,
-             mesh=mesh).fit(X)
+        SNMF(k, solver=solver, sparsity=0.01, max_iter=iters, patience=10**9, tol=0.0).fit(
+            X, mesh=mesh, progress=False)
         return time.perf_counter() - start
 
     fit(short), fit(long)  # compile both block sizes

@@ -142,7 +142,7 @@ def main(argv=None) -> int:
         token_sentence = np.repeat(np.arange(len(post)), [len(a) for a in post])
         X_post, X_out = np.concatenate(post), np.concatenate(out)
         snmf = SNMF(rank=args.rank, sparsity=0.01, init="random", max_iter=200 if quick else 1000, patience=100,
-                    seed=args.seed, progress=False).fit(X_post)
+                    seed=args.seed).fit(X_post, progress=False)
         sae = TopKSAE.for_rank(args.rank, multiple=args.sae_multiple, k=args.sae_k, epochs=50 if quick else 300,
                                seed=args.seed).fit(X_out)
         sae_codes = sae.encode(X_out)

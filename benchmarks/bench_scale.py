@@ -119,8 +119,7 @@ def device_peak_bytes() -> int | None:
 def model(args, **extra):
     from jsnmf import SNMF
 
-    return SNMF(args.rank, solver=args.solver, sparsity=args.sparsity, tol=0.0, patience=10**9, seed=0,
-                progress=False, **extra)
+    return SNMF(args.rank, solver=args.solver, sparsity=args.sparsity, tol=0.0, patience=10**9, seed=0, **extra)
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -174,8 +173,8 @@ def child_baseline(args) -> dict:
 
     store = ActivationStore.open(args.store)
     tiny = store.read(LAYER, 0, 2 * args.rank, raw=True)
-    model(args, max_iter=2, dtype=args.dtype).fit(jnp.asarray(tiny))
-    model(args, max_iter=2, dtype=args.dtype, chunk_tokens=args.rank).fit(np.asarray(tiny))
+    model(args, max_iter=2, dtype=args.dtype).fit(jnp.asarray(tiny), progress=False)
+    model(args, max_iter=2, dtype=args.dtype).fit(np.asarray(tiny), chunk_tokens=args.rank, progress=False)
     return {"peak_rss": peak_rss_bytes()}
 
 
@@ -187,7 +186,8 @@ def child_memory(args) -> dict:
 
     store = ActivationStore.open(args.store)
     X = jax.device_put(jnp.asarray(store.read(LAYER, raw=True), args.dtype))
-    result = steady_slope(lambda iters: model(args, max_iter=iters, dtype=args.dtype).fit(X), args, compile_long=True)
+    result = steady_slope(lambda iters: model(args, max_iter=iters, dtype=args.dtype).fit(X, progress=False), args,
+                          compile_long=True)
     return dict(result, peak_rss=peak_rss_bytes(), device_peak=device_peak_bytes())
 
 
@@ -199,7 +199,7 @@ def child_stream(args) -> dict:
     first = {}
 
     def fit(iters):
-        model(args, max_iter=iters, dtype=args.dtype, codes_on_disk=codes).fit(store)
+        model(args, max_iter=iters, dtype=args.dtype).fit(store, codes_on_disk=codes, progress=False)
         first.setdefault("peak_rss", peak_rss_bytes())  # the first fit, compilation included
 
     try:

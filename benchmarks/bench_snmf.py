@@ -58,7 +58,7 @@ def jsnmf_fit_seconds(X, k: int, solver: str, iters: int, sparsity: float | None
 
     def fit():
         model = SNMF(k, solver=solver, sparsity=sparsity, max_iter=iters, patience=10**9, tol=0.0,
-                     seed=0, dtype=str(X.dtype), progress=False).fit(X)
+                     seed=0, dtype=str(X.dtype)).fit(X, progress=False)
         return model
 
     return median_seconds(fit, repeats=repeats, warmup=0)
@@ -116,7 +116,7 @@ def time_to_target(X, k: int, mu_iters: int, sparsity: float) -> dict:
 
     def fit(solver, iters, init="random"):
         return SNMF(k, solver=solver, sparsity=sparsity, init=init, max_iter=iters, patience=10**9, tol=0.0,
-                    seed=0, dtype=str(X.dtype), progress=False).fit(X)
+                    seed=0, dtype=str(X.dtype)).fit(X, progress=False)
 
     for init in ("random", "svd"):  # compile both loops (block size 50) and the initializers
         fit("mu", 50, init), fit("hals", 50, init)

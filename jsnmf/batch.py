@@ -20,7 +20,7 @@ import numpy as np
 
 from jsnmf.blas import single_threaded_lapack
 from jsnmf.dtypes import DTYPES
-from jsnmf.estimator import SNMF
+from jsnmf.estimator import SNMF, check_runtime, show_progress
 from jsnmf.fit.arrays import ArrayBackend, active_mesh, sharded_rows
 from jsnmf.fit.loop import fit as fit_loop
 from jsnmf.fit.starts import initial_factors, sharded_initial_factors
@@ -30,21 +30,24 @@ __all__ = ["fit_layers"]
 
 
 @single_threaded_lapack
-def fit_layers(layers: Mapping[Hashable, object], rank: int, **settings) -> dict[Hashable, SNMF]:
+def fit_layers(layers: Mapping[Hashable, object], rank: int, *, mesh=None, progress: bool | None = None,
+               **params) -> dict[Hashable, SNMF]:
     """Fit one :class:`~jsnmf.SNMF` per entry of ``layers`` (``{layer: X}``), all in one batch.
 
-    Every ``X`` must have the same shape (n_tokens × d_mlp); ``settings`` are ``SNMF``'s keyword
-    arguments (``mesh`` included: the batch is then sharded by rows as a single fit is, and under
-    several processes each ``X`` is this process's rows). Returns ``{layer: fitted SNMF}``, each as
-    if fitted alone with the same settings. All layers are held in device memory at once.
+    Every ``X`` must have the same shape (n_tokens × d_mlp); ``params`` are ``SNMF``'s keyword
+    arguments; ``mesh`` and ``progress`` are as in :meth:`SNMF.fit` (with a mesh the batch is
+    sharded by rows as a single fit is, and under several processes each ``X`` is this process's
+    rows). Returns ``{layer: fitted SNMF}``, each as if fitted alone with the same settings. All
+    layers are held in device memory at once.
     """
     if not isinstance(layers, Mapping) or not layers:
         raise ValueError("layers must be a non-empty mapping {layer: X}")
-    models = {name: SNMF(rank, **settings) for name in layers}
+    check_runtime(mesh=mesh)
+    models = {name: SNMF(rank, **params) for name in layers}
     template = next(iter(models.values()))
     names, k = list(layers), int(template.rank)
     seed, init, dtype = int(template.seed), template.init, DTYPES[template.dtype]
-    mesh = active_mesh(template.mesh)
+    mesh = active_mesh(mesh)
     if mesh is None:
         checked = {name: validate_matrix(X, f"layers[{name!r}]") for name, X in layers.items()}
         shapes = {name: tuple(X.shape) for name, X in checked.items()}
@@ -78,7 +81,7 @@ def fit_layers(layers: Mapping[Hashable, object], rank: int, **settings) -> dict
             raise ValueError(f"layer {name!r}: rank {k} exceeds min(n_tokens, d_mlp) = {min(n, d)}")
         if sq == 0.0:
             raise ValueError(f"layer {name!r}: X is all zeros: there is nothing to factorize")
-    results = fit_loop(backend, max_iter=int(template.max_iter), progress=template.progress)
+    results = fit_loop(backend, max_iter=int(template.max_iter), progress=show_progress(progress))
     for name, result in zip(names, results):
         models[name].set_fitted(result)
     return models

@@ -182,7 +182,7 @@ def step_extract(model: str, corpus: str, run_dir: Path, layers: list[int], args
 def fit_settings(args, defaults: dict | None = None) -> dict:
     """SNMF keyword arguments from the options the user set (the estimator's defaults otherwise)."""
     settings = dict(defaults or {})
-    for name in ("solver", "sparsity", "max_iter", "init", "seed", "tol", "patience", "checkpoint_every"):
+    for name in ("solver", "sparsity", "max_iter", "init", "seed", "tol", "patience"):
         value = getattr(args, name, None)
         if value is not None:
             settings[name] = value
@@ -202,7 +202,7 @@ def _finished_fit(path: Path, rank: int, settings: dict):
 
 
 def step_fit(store, layers: list[int] | None, rank: int, settings: dict, snmf_dir: Path, progress: bool,
-             resume: bool = False) -> dict:
+             resume: bool = False, checkpoint_every: int | None = None) -> dict:
     """Fit one SNMF per layer, save each to ``snmf_dir/layer_{L:02d}``; return ``{layer: SNMF}``.
 
     While a layer fits, its state is checkpointed every ``checkpoint_every`` iterations into
@@ -232,15 +232,16 @@ def step_fit(store, layers: list[int] | None, rank: int, settings: dict, snmf_di
         if not resume and checkpoint_dir.exists() and any(checkpoint_dir.iterdir()):
             raise UserError(f"layer {layer} has an interrupted fit in {checkpoint_dir}: pass --resume to continue "
                             "it, or delete that directory to start again")
-        model = SNMF(rank, progress=progress, **settings)
+        model = SNMF(rank, **settings)
         _say(f"fitting layer {layer}: rank {rank}, {store.n_tokens:,} tokens × {store.d_mlp} neurons"
              + (" (resuming)" if resume and checkpoint_dir.exists() else ""))
         started = time.perf_counter()
+        run = dict(checkpoint_dir=checkpoint_dir, resume=resume, progress=progress,
+                   **({} if checkpoint_every is None else {"checkpoint_every": checkpoint_every}))
         if store.n_tokens * store.d_mlp * 4 <= IN_MEMORY_LIMIT_BYTES:
-            X = store.layer_array(layer)
-            model.fit(X, checkpoint_dir=checkpoint_dir, resume=resume)
+            model.fit(store.layer_array(layer), **run)
         else:  # streamed from disk, one pass over the chunks per iteration
-            model.fit(store, layer=layer, checkpoint_dir=checkpoint_dir, resume=resume)
+            model.fit(store, layer=layer, **run)
         path = model.save(saved_path)
         shutil.rmtree(checkpoint_dir)  # the saved factors are the result now
         _say(f"  layer {layer}: relative error {model.relative_error_:.4f} after {model.n_iter_} iterations "
@@ -278,7 +279,8 @@ def cmd_fit(args) -> int:
         raise UserError("fit needs --rank (the number of features)")
     store = _open_store(args.store)
     snmf_dir = RunLayout.of_store(store.path).snmf
-    step_fit(store, args.layers, args.rank, fit_settings(args), snmf_dir, not args.quiet, resume=args.resume)
+    step_fit(store, args.layers, args.rank, fit_settings(args), snmf_dir, not args.quiet, resume=args.resume,
+             checkpoint_every=args.checkpoint_every)
     _say(f"checkpoints: {snmf_dir}")
     return 0
 
@@ -323,7 +325,8 @@ def cmd_run(args) -> int:
     _say(f"run directory: {run_dir}")
     progress = not args.quiet
     store = step_extract(args.model, args.corpus, run_dir, args.layers, args, progress)
-    step_fit(store, args.layers, rank, fit_settings(args), RunLayout.of(run_dir).snmf, progress)
+    step_fit(store, args.layers, rank, fit_settings(args), RunLayout.of(run_dir).snmf, progress,
+             checkpoint_every=getattr(args, "checkpoint_every", None))
     index = step_report(run_dir, store.path, args.layers, args, progress)
     _print_places(run_dir, store, args.layers, index)
     return 0

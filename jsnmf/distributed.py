@@ -2,13 +2,13 @@
 
 How the sharded fit works
 -------------------------
-``SNMF(..., mesh=mesh)`` splits the tokens (rows of ``X`` and ``G``) over the mesh axis ``data``;
+``SNMF(...).fit(X, mesh=mesh)`` splits the tokens (rows of ``X`` and ``G``) over the mesh axis ``data``;
 ``F`` is replicated and only the d×k and k×k statistics cross devices (one all-reduce per
-iteration, see :mod:`jsnmf.kernels.sharded`). With ``mesh=None`` the estimator uses every device
+iteration, see :mod:`jsnmf.kernels.sharded`). With ``mesh=None`` the fit uses every device
 JAX sees (``jax.devices()``), so on one host with 8 GPUs ``SNMF(k).fit(X)`` is already sharded.
 
 Across hosts (``jax.process_count() > 1``) every process runs the same script and passes **its
-own rows** of ``X`` to ``fit``, ``transform`` and ``score``: the global ``X`` is the concatenation
+own rows** of ``X`` to ``fit``, ``transform`` and ``score`` (each given the same ``mesh``): the global ``X`` is the concatenation
 of the processes' rows in process-index order (process 0's first). After ``fit``:
 
 * ``features_``, ``loss_history_`` and the errors are the same on every process (NumPy arrays);
@@ -27,8 +27,8 @@ process streams its contiguous share of the chunks (:func:`process_token_range`)
 iteration, each chunk split over the process's devices; or, when the shares fit in memory,
 :func:`process_rows` reads this process's share to fit in memory::
 
-    model = jsnmf.SNMF(rank=256).fit(store, layer=12)                       # streamed, out of core
-    model = jsnmf.SNMF(rank=256).fit(jsnmf.distributed.process_rows(store, 12))   # in memory
+    model = jsnmf.SNMF(rank=256).fit(store, layer=12, mesh=mesh)                       # streamed
+    model = jsnmf.SNMF(rank=256).fit(jsnmf.distributed.process_rows(store, 12), mesh=mesh)   # in memory
 
 Checkpoints (``fit(..., checkpoint_dir=..., resume=True)``, the directory on the shared file
 system) hold the codes as a global array, each process writing its own rows; a resume reads them

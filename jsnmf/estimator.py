@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -64,22 +65,11 @@ class SNMF:
     dtype: precision ``X`` is held in on the device (``"float32"``, ``"bfloat16"``, ``"float16"``);
         products accumulate and factors are kept in float32.
     ridge: λ of the ``F`` least squares; hals_sweeps: sweeps per iteration of the ``"hals"`` solver.
-    progress: show a progress bar with the loss.
-    mesh: a ``jax.sharding.Mesh`` with an axis ``data`` to split the tokens over (see
-        :mod:`jsnmf.distributed`). ``None``: every device JAX sees, so a plain single-device run
-        is unchanged and one host with 8 GPUs shards over all 8. Under ``jax.process_count() > 1``
-        every process passes its own rows to ``fit``/``transform``/``score``; ``features_`` is the
-        same everywhere and ``codes_`` holds the process's own rows.
-    chunk_tokens: rows per chunk of a streamed fit (:mod:`jsnmf.fit.stream`). ``fit`` streams an
-        ``ActivationStore``, a ``np.memmap`` or any array when this is set; ``None`` keeps a store's
-        own chunks (65536 rows for a memmap). A streamed fit on a mesh splits each chunk over its
-        devices; under several processes each streams its own share of a store's chunks (or its
-        own rows of an array) and ``codes_`` holds them.
-    codes_on_disk: where a streamed fit keeps ``G``: ``False`` in memory; ``True`` in ``.npy`` files
-        in a new temporary directory; a path: in that directory (``codes_`` is then a read-only
-        memory map of ``codes.npy`` there).
-    checkpoint_every, max_to_keep: with ``fit(..., checkpoint_dir=...)``, save the fit state every
-        ``checkpoint_every`` iterations (and at the end), keeping the newest ``max_to_keep``.
+
+    Where the fit runs (devices, chunking, codes on disk, checkpoints, the progress bar) is not a
+    property of the factorization: those are arguments of :meth:`fit`, so ``get_params`` holds the
+    algorithm alone, a saved model records no machine, and ``sklearn.base.clone`` copies settings
+    that mean the same on any host.
     """
 
     solvers = solver_names()  # the codes-solver registry (jsnmf.kernels.solvers) when this class was made
@@ -99,12 +89,6 @@ class SNMF:
         dtype: str = "float32",
         ridge: float = 1e-6,
         hals_sweeps: int = 4,
-        progress: bool = True,
-        mesh: Any = None,
-        chunk_tokens: int | None = None,
-        codes_on_disk: bool | str | os.PathLike = False,
-        checkpoint_every: int = 50,
-        max_to_keep: int = 2,
     ):
         self.rank = rank
         self.solver = solver
@@ -117,12 +101,6 @@ class SNMF:
         self.dtype = dtype
         self.ridge = ridge
         self.hals_sweeps = hals_sweeps
-        self.progress = progress
-        self.mesh = mesh
-        self.chunk_tokens = chunk_tokens
-        self.codes_on_disk = codes_on_disk
-        self.checkpoint_every = checkpoint_every
-        self.max_to_keep = max_to_keep
         self._check_settings()
 
     # -- settings -------------------------------------------------------------------------------
@@ -175,17 +153,6 @@ class SNMF:
             raise ValueError(f"ridge must be a finite number >= 0; got {self.ridge!r}")
         if not (isinstance(self.hals_sweeps, (int, np.integer)) and self.hals_sweeps >= 1):
             raise ValueError(f"hals_sweeps must be a positive integer; got {self.hals_sweeps!r}")
-        if self.mesh is not None:
-            check_mesh(self.mesh)
-        if self.chunk_tokens is not None and not (
-                isinstance(self.chunk_tokens, (int, np.integer)) and self.chunk_tokens >= 1):
-            raise ValueError(f"chunk_tokens must be a positive integer or None; got {self.chunk_tokens!r}")
-        if not isinstance(self.codes_on_disk, (bool, str, os.PathLike)):
-            raise ValueError(f"codes_on_disk must be True, False or a directory path; got {self.codes_on_disk!r}")
-        for name in ("checkpoint_every", "max_to_keep"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1):
-                raise ValueError(f"{name} must be a positive integer; got {value!r}")
 
     def solver_config(self, d: int) -> SolverConfig:
         """The static settings of the compiled iteration for ``d_mlp = d``."""
@@ -203,51 +170,68 @@ class SNMF:
     # -- fitting --------------------------------------------------------------------------------
 
     @single_threaded_lapack
-    def fit(self, X, y=None, *, layer: int | None = None, checkpoint_dir: str | os.PathLike | None = None,
-            resume: bool = False) -> "SNMF":
+    def fit(self, X, y=None, *, layer: int | None = None, mesh: Any = None, chunk_tokens: int | None = None,
+            codes_on_disk: bool | str | os.PathLike = False, checkpoint_dir: str | os.PathLike | None = None,
+            checkpoint_every: int = 50, max_to_keep: int = 2, resume: bool = False,
+            progress: bool | None = None) -> "SNMF":
         """Learn ``features_`` and ``codes_`` from ``X`` (n_tokens × d_mlp). ``y`` is ignored.
 
         ``X`` may also be an :class:`~jsnmf.store.ActivationStore` (``layer`` picks the layer; it may
         be left out when the store holds one) or a ``np.memmap``: the fit then streams it, one pass
         over its chunks per iteration, with the same iterates as in memory (:mod:`jsnmf.fit.stream`).
-        Any array is streamed when ``chunk_tokens`` is set.
 
-        ``checkpoint_dir``: save the fit state there every ``checkpoint_every`` iterations and at the
-        end (orbax; :mod:`jsnmf.checkpoint`). ``resume=True`` continues from the latest complete
-        checkpoint in it (a fit killed at any moment ends with the same factors as an uninterrupted
-        one), or starts afresh when there is none; a checkpoint of another problem is a ValueError.
+        Where and how the fit runs (none of these changes the factors beyond float rounding):
 
-        Sharded over ``mesh`` (see the class docstring): then ``X`` is this process's rows, or a
-        :class:`jsnmf.distributed.ShardedRows` from :func:`jsnmf.distributed.global_rows`.
+        mesh: a ``jax.sharding.Mesh`` with an axis ``data`` to split the tokens over (see
+            :mod:`jsnmf.distributed`). ``None``: every device JAX sees, so a single-device run is
+            unchanged and one host with 8 GPUs shards over all 8. Under ``jax.process_count() > 1``
+            every process passes its own rows (or the store: each streams its own share of its
+            chunks) and ``codes_`` holds the process's own rows.
+        chunk_tokens: rows per chunk of a streamed fit. Any array is streamed when this is set;
+            ``None`` keeps a store's own chunks (65536 rows for a memmap).
+        codes_on_disk: where a streamed fit keeps ``G``: ``False`` in memory; ``True`` in ``.npy``
+            files in a new temporary directory; a path: in that directory (``codes_`` is then a
+            read-only memory map of ``codes.npy`` there).
+        checkpoint_dir: save the fit state there every ``checkpoint_every`` iterations and at the
+            end, keeping the newest ``max_to_keep`` (orbax; :mod:`jsnmf.checkpoint`). ``resume=True``
+            continues from the latest complete checkpoint in it (a fit killed at any moment ends
+            with the same factors as an uninterrupted one), or starts afresh when there is none; a
+            checkpoint of another problem is a ValueError.
+        progress: show a progress bar with the loss (process 0 only); ``None``: when stderr is a
+            terminal.
 
         Every case is the one driver (:func:`jsnmf.fit.loop.fit`) over a data backend.
         """
         self._check_settings()
+        check_runtime(mesh=mesh, chunk_tokens=chunk_tokens, codes_on_disk=codes_on_disk,
+                      checkpoint_every=checkpoint_every, max_to_keep=max_to_keep)
         if resume and checkpoint_dir is None:
             raise ValueError("resume=True needs checkpoint_dir= (the directory the fit checkpoints into)")
-        backend, source, sample_rows = self._backend(X, layer)
+        backend, source, sample_rows = self._backend(X, layer, mesh, chunk_tokens, codes_on_disk)
         try:
-            checkpointer = self._checkpointer(checkpoint_dir, resume, backend.n_tokens, backend.d, sample_rows, source)
+            checkpointer = self._checkpointer(checkpoint_dir, resume, backend.n_tokens, backend.d, sample_rows,
+                                              source, every=checkpoint_every, max_to_keep=max_to_keep)
         except BaseException:
             backend.close()
             raise
-        (result,) = fit_loop(backend, max_iter=int(self.max_iter), progress=self.progress, checkpointer=checkpointer)
+        (result,) = fit_loop(backend, max_iter=int(self.max_iter), progress=show_progress(progress),
+                             checkpointer=checkpointer)
         return self.set_fitted(result)
 
-    def _backend(self, X, layer):
+    def _backend(self, X, layer, mesh, chunk_tokens, codes_on_disk):
         """The data backend for ``X``, a description of the source, and a reader of its global rows."""
-        plan = make_plan(X, layer, self.chunk_tokens)
+        plan = make_plan(X, layer, chunk_tokens)
         if plan is not None:
-            mesh = active_mesh(self.mesh)
+            mesh = active_mesh(mesh)
             backend = StreamedFit(plan, rank=int(self.rank), init=self.init, seed=int(self.seed),
                                   config=self.solver_config(plan.d), limits=self.limits(),
                                   compute_dtype=DTYPES[self.dtype], mesh=mesh,
-                                  work_dir=codes_directory(self.codes_on_disk))
+                                  work_dir=codes_directory(codes_on_disk))
             self._check_rank(backend.n_tokens, backend.d)
             source = dict(plan.describe(), **({} if mesh is None else {"devices": int(mesh.shape[DATA]),
                                                                        "processes": jax.process_count()}))
             return backend, source, backend.sample_rows
-        mesh = active_mesh(self.mesh, X)
+        mesh = active_mesh(mesh, X)
         k, dtype = int(self.rank), DTYPES[self.dtype]
         if mesh is not None:
             rows = sharded_rows(X, mesh, dtype)
@@ -274,7 +258,8 @@ class SNMF:
         if self.rank > min(n, d):
             raise ValueError(f"rank {self.rank} exceeds min(n_tokens, d_mlp) = {min(n, d)} for X of shape {(n, d)}")
 
-    def _checkpointer(self, checkpoint_dir, resume: bool, n: int, d: int, sample_rows, source: dict):
+    def _checkpointer(self, checkpoint_dir, resume: bool, n: int, d: int, sample_rows, source: dict, *,
+                      every: int, max_to_keep: int):
         """The :class:`~jsnmf.checkpoint.FitCheckpointer` of a fit, or None without ``checkpoint_dir``.
 
         ``sample_rows(indices)``: those rows of the (global) ``X``, for the data fingerprint.
@@ -283,14 +268,13 @@ class SNMF:
             return None
         fingerprint = data_fingerprint(sample_rows(fingerprint_rows(n)), n, d)
         problem = problem_manifest(self.get_params(), n, d, fingerprint, source)
-        return FitCheckpointer(checkpoint_dir, problem, every=int(self.checkpoint_every),
-                               max_to_keep=int(self.max_to_keep), resume=resume)
+        return FitCheckpointer(checkpoint_dir, problem, every=int(every), max_to_keep=int(max_to_keep), resume=resume)
 
 
     @single_threaded_lapack
-    def fit_transform(self, X, y=None) -> np.ndarray:
-        """``fit(X)`` and return ``codes_``."""
-        return self.fit(X).codes_
+    def fit_transform(self, X, y=None, **fit_params) -> np.ndarray:
+        """``fit(X, **fit_params)`` and return ``codes_``."""
+        return self.fit(X, **fit_params).codes_
 
     # -- applying -------------------------------------------------------------------------------
 
@@ -305,10 +289,13 @@ class SNMF:
             )
 
     @single_threaded_lapack
-    def transform(self, X, tol: float = 1e-5) -> np.ndarray:
-        """Codes of (new) tokens with ``F`` fixed: the non-negative least-squares ``G`` for ``X``."""
+    def transform(self, X, tol: float = 1e-5, *, mesh: Any = None) -> np.ndarray:
+        """Codes of (new) tokens with ``F`` fixed: the non-negative least-squares ``G`` for ``X``.
+
+        ``mesh`` as in :meth:`fit`: sharded, ``X`` is this process's rows and so are the codes.
+        """
         self._check_fitted("transform")
-        mesh = self._active_mesh(X)
+        mesh = self._active_mesh(X, mesh)
         if mesh is not None:  # this process's rows in, their codes out
             rows = self._rows(X, mesh)
             self._check_width(rows.array)
@@ -328,14 +315,15 @@ class SNMF:
         return np.asarray(jnp.asarray(G, jnp.float32) @ jnp.asarray(self.features_).T)
 
     @single_threaded_lapack
-    def score(self, X, y=None) -> float:
+    def score(self, X, y=None, *, mesh: Any = None) -> float:
         """Explained variance of ``X`` by its codes: ``1 − ‖X − G Fᵀ‖² / Σ_j ‖X_j − mean(X_j)‖²``.
 
         The conventional, per-dimension centred definition (scikit-learn's ``explained_variance``
         summed over columns); higher is better, 1 is perfect. ``X`` is encoded with ``transform``.
-        Sharded: ``X`` is this process's rows and the score is that of the whole global ``X``.
+        Sharded (``mesh`` as in :meth:`fit`): ``X`` is this process's rows and the score is that of
+        the whole global ``X``.
         """
-        mesh = self._active_mesh(X)
+        mesh = self._active_mesh(X, mesh)
         if mesh is not None:
             self._check_fitted("score")
             rows = self._rows(X, mesh)
@@ -355,9 +343,10 @@ class SNMF:
 
     # -- sharded fitting (jsnmf.distributed) ------------------------------------------------------
 
-    def _active_mesh(self, X=None):
+    def _active_mesh(self, X, mesh):
         """The mesh to shard over, or None for the single-device path."""
-        return active_mesh(self.mesh, X)
+        check_runtime(mesh=mesh)
+        return active_mesh(mesh, X)
 
     def _rows(self, X, mesh, name: str = "X") -> ShardedRows:
         """``X`` (this process's rows) as a global row-sharded array in the storage dtype."""
@@ -404,9 +393,6 @@ class SNMF:
         params = self.get_params()
         if not isinstance(params["init"], str):
             params["init"] = "arrays"
-        params.pop("mesh", None)  # devices belong to the run, not to the factors
-        if not isinstance(params.get("codes_on_disk", False), bool):
-            params["codes_on_disk"] = str(params["codes_on_disk"])
         manifest = {
             "format": CHECKPOINT_FORMAT,
             "format_version": CHECKPOINT_VERSION,
@@ -433,7 +419,8 @@ class SNMF:
                                  what="jsnmf SNMF checkpoint", missing_what="jsnmf checkpoint",
                                  required=("params", "shapes", "n_iter", "n_features_in", "reconstruction_err",
                                            "relative_error"))
-        params = dict(manifest["params"])
+        # models saved before the runtime settings moved to fit() recorded them with the params
+        params = {name: value for name, value in dict(manifest["params"]).items() if name not in RUNTIME_SETTINGS}
         if params["init"] == "arrays":
             params["init"] = "random"
         model = cls(**params)
@@ -453,6 +440,29 @@ class SNMF:
     def __repr__(self) -> str:
         shown = {k: v for k, v in self.get_params().items() if not (k == "init" and not isinstance(v, str))}
         return f"SNMF({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
+
+
+RUNTIME_SETTINGS = ("progress", "mesh", "chunk_tokens", "codes_on_disk", "checkpoint_every", "max_to_keep")
+
+
+def show_progress(progress: bool | None) -> bool:
+    """Whether to draw a progress bar: as asked, or (``None``) when stderr is a terminal."""
+    return sys.stderr.isatty() if progress is None else bool(progress)
+
+
+def check_runtime(*, mesh: Any = None, chunk_tokens: int | None = None, codes_on_disk: Any = False,
+                  checkpoint_every: int = 1, max_to_keep: int = 1) -> None:
+    """Refuse runtime settings of :meth:`SNMF.fit` that cannot work, naming the setting."""
+    if mesh is not None:
+        check_mesh(mesh)
+    if chunk_tokens is not None and not (
+            isinstance(chunk_tokens, (int, np.integer)) and not isinstance(chunk_tokens, bool) and chunk_tokens >= 1):
+        raise ValueError(f"chunk_tokens must be a positive integer or None; got {chunk_tokens!r}")
+    if not isinstance(codes_on_disk, (bool, str, os.PathLike)):
+        raise ValueError(f"codes_on_disk must be True, False or a directory path; got {codes_on_disk!r}")
+    for name, value in (("checkpoint_every", checkpoint_every), ("max_to_keep", max_to_keep)):
+        if not (isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1):
+            raise ValueError(f"{name} must be a positive integer; got {value!r}")
 
 
 def _replace_directory(staging: Path, path: Path) -> None:

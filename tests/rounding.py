@@ -48,21 +48,21 @@ class Tolerances:
         assert gap <= self.score, f"{where} score: {gap:.3g} > {self.score:.3g} (rounding bound)"
 
 
-def rounding_tolerances(make_model, X, X_new=None, trials: int = 3):
-    """``(reference, Tolerances)``: ``make_model().fit(X)`` and the bounds derived as above.
+def rounding_tolerances(make_model, X, X_new=None, trials: int = 3, **fit_params):
+    """``(reference, Tolerances)``: ``make_model().fit(X, **fit_params)`` and the bounds derived as above.
 
     ``make_model`` builds an unfitted estimator with the settings under test; the perturbed
     fits use the same settings, seeds and starting point.
     """
     X = np.asarray(X, np.float32)
-    reference = make_model().fit(X)
+    reference = make_model().fit(X, **fit_params)
     transformed = reference.transform(X_new) if X_new is not None else None
     score = reference.score(X_new) if X_new is not None else 0.0
     spread = dict(features=0.0, codes=0.0, loss=0.0, transform=0.0, score=0.0)
     rng = np.random.default_rng(12345)
     for _ in range(trials):
         perturbed = (X * (1 + EPS32 * rng.choice([-1.0, 1.0], size=X.shape))).astype(np.float32)
-        model = make_model().fit(perturbed)
+        model = make_model().fit(perturbed, **fit_params)
         spread["features"] = max(spread["features"], relative(model.features_, reference.features_))
         spread["codes"] = max(spread["codes"], relative(model.codes_, reference.codes_))
         spread["loss"] = max(spread["loss"], relative(model.loss_history_, reference.loss_history_))

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 CASES = [("mu", None), ("mu", 0.2), ("hals", None), ("hals", 0.2)]
-SETTINGS = dict(max_iter=15, patience=1000, tol=0.0, progress=False)
+SETTINGS = dict(max_iter=15, patience=1000, tol=0.0)
 RANK = 5
 
 
@@ -40,7 +40,7 @@ def run_sharded(data, out):
     for mesh_name, mesh in meshes.items():
         cases = CASES if mesh_name != "4x2" else [("hals", 0.2)]
         for solver, sparsity in cases:
-            model = jsnmf.SNMF(RANK, solver=solver, sparsity=sparsity, mesh=mesh, **SETTINGS).fit(X)
+            model = jsnmf.SNMF(RANK, solver=solver, sparsity=sparsity, **SETTINGS).fit(X, mesh=mesh)
             key = f"{mesh_name}_{case_name(solver, sparsity)}"
             results[f"{key}_features"] = model.features_
             results[f"{key}_codes"] = model.codes_
@@ -64,22 +64,24 @@ def run_sharded(data, out):
         results[f"layers_{name}_loss"] = layer_model.loss_history_
     # Checkpoints: 10 iterations on 4 devices, then resumed to 15 on all 8 (another mesh).
     checkpoint_dir = Path(out).parent / "sharded_checkpoint"
-    first = dict(SETTINGS, max_iter=10, checkpoint_every=5)
-    jsnmf.SNMF(RANK, solver="hals", sparsity=0.2, mesh=meshes["4"], **first).fit(X, checkpoint_dir=checkpoint_dir)
-    model = jsnmf.SNMF(RANK, solver="hals", sparsity=0.2, **SETTINGS).fit(X, checkpoint_dir=checkpoint_dir, resume=True)
+    first = dict(SETTINGS, max_iter=10)
+    jsnmf.SNMF(RANK, solver="hals", sparsity=0.2, **first).fit(X, mesh=meshes["4"], checkpoint_dir=checkpoint_dir,
+                                                               checkpoint_every=5)
+    model = jsnmf.SNMF(RANK, solver="hals", sparsity=0.2, **SETTINGS).fit(X, checkpoint_dir=checkpoint_dir,
+                                                                          resume=True)
     results["resumed_features"], results["resumed_codes"] = model.features_, model.codes_
     results["resumed_loss"] = model.loss_history_
     # Streamed (chunks of 64 rows, each split over the devices) on 4 and on all 8 devices.
     for mesh_name in ("4", "8"):
         for init in ("random", "kmeans"):
-            model = jsnmf.SNMF(RANK, solver="hals", sparsity=0.2, mesh=meshes[mesh_name], chunk_tokens=64, init=init,
-                               **SETTINGS).fit(X)
+            model = jsnmf.SNMF(RANK, solver="hals", sparsity=0.2, init=init, **SETTINGS).fit(
+                X, mesh=meshes[mesh_name], chunk_tokens=64)
             key = f"streamed_{mesh_name}_{init}"
             results[f"{key}_features"], results[f"{key}_codes"] = model.features_, model.codes_
             results[f"{key}_loss"] = model.loss_history_
     # A mesh without a 'data' axis is refused.
     try:
-        jsnmf.SNMF(RANK, mesh=Mesh(devices, ("model",)))
+        jsnmf.SNMF(RANK).fit(X, mesh=Mesh(devices, ("model",)))
         results["bad_mesh_error"] = np.array("")
     except ValueError as err:
         results["bad_mesh_error"] = np.array(str(err))
@@ -114,7 +116,7 @@ def run_multihost(data, out, port, process_id):
         results[f"{key}_score"] = np.array(model.score(new_mine))
     # Streamed: each process its own rows in chunks of 40 (process 0: 4 chunks, process 1: 4 chunks);
     # and a store both share, each reading its own whole chunks (the store has chunks of 50 rows).
-    model = jsnmf.SNMF(RANK, solver="hals", sparsity=0.2, chunk_tokens=40, **SETTINGS).fit(mine)
+    model = jsnmf.SNMF(RANK, solver="hals", sparsity=0.2, **SETTINGS).fit(mine, chunk_tokens=40)
     results["streamed_features"], results["streamed_codes"] = model.features_, model.codes_
     results["streamed_loss"] = model.loss_history_
     from jsnmf.store import ActivationStore
@@ -124,16 +126,16 @@ def run_multihost(data, out, port, process_id):
     results["store_features"], results["store_codes"] = model.features_, model.codes_
     results["store_loss"] = model.loss_history_
     store_checkpoint = Path(data["checkpoint_dir"].item() + "_store")
-    jsnmf.SNMF(RANK, solver="hals", sparsity=0.2, **dict(SETTINGS, max_iter=10, checkpoint_every=5)).fit(
-        store, checkpoint_dir=store_checkpoint)
+    jsnmf.SNMF(RANK, solver="hals", sparsity=0.2, **dict(SETTINGS, max_iter=10)).fit(
+        store, checkpoint_dir=store_checkpoint, checkpoint_every=5)
     model = jsnmf.SNMF(RANK, solver="hals", sparsity=0.2, **SETTINGS).fit(store, checkpoint_dir=store_checkpoint,
                                                                           resume=True)
     results["store_resumed_features"], results["store_resumed_codes"] = model.features_, model.codes_
     results["store_resumed_loss"] = model.loss_history_
     # Checkpoints written by both processes (each its own rows of G), then resumed by both.
     checkpoint_dir = Path(data["checkpoint_dir"].item())
-    first = dict(SETTINGS, max_iter=10, checkpoint_every=5)
-    jsnmf.SNMF(RANK, solver="mu", sparsity=0.2, **first).fit(mine, checkpoint_dir=checkpoint_dir)
+    first = dict(SETTINGS, max_iter=10)
+    jsnmf.SNMF(RANK, solver="mu", sparsity=0.2, **first).fit(mine, checkpoint_dir=checkpoint_dir, checkpoint_every=5)
     model = jsnmf.SNMF(RANK, solver="mu", sparsity=0.2, **SETTINGS).fit(mine, checkpoint_dir=checkpoint_dir,
                                                                         resume=True)
     results["resumed_features"], results["resumed_codes"] = model.features_, model.codes_

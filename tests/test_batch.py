@@ -25,7 +25,7 @@ def layers():
 
 @pytest.mark.parametrize("solver, sparsity", [("mu", 0.2), ("hals", None)])
 def test_layers_together_equal_separate_fits(layers, solver, sparsity):
-    settings = dict(solver=solver, sparsity=sparsity, max_iter=120, tol=1e-4, patience=4, seed=3, progress=False)
+    settings = dict(solver=solver, sparsity=sparsity, max_iter=120, tol=1e-4, patience=4, seed=3)
     together = fit_layers(layers, 4, **settings)
     assert list(together) == list(layers)
     stopped_at = []
@@ -49,10 +49,10 @@ def test_fit_layers_bad_input(layers):
     with pytest.raises(ValueError, match="non-empty mapping"):
         fit_layers({}, 4)
     with pytest.raises(ValueError, match="same shape for every layer"):
-        fit_layers({0: X, 1: X[:200]}, 4, progress=False)
+        fit_layers({0: X, 1: X[:200]}, 4)
     with pytest.raises(ValueError, match=r"layer 1: X is all zeros"):
-        fit_layers({0: X, 1: np.zeros_like(X)}, 4, progress=False)
+        fit_layers({0: X, 1: np.zeros_like(X)}, 4)
     with pytest.raises(ValueError, match=r"layers\[1\] contains NaN or Inf"):
-        fit_layers({0: X, 1: np.full_like(X, np.nan)}, 4, progress=False)
+        fit_layers({0: X, 1: np.full_like(X, np.nan)}, 4)
     with pytest.raises(ValueError, match="unknown solver"):
         fit_layers({0: X}, 4, solver="adam")

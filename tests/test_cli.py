@@ -198,7 +198,7 @@ def test_fit_killed_and_resumed_from_the_command_line(capsys, extracted, tmp_pat
     assert "(resuming)" in out and not fitting.exists()
     resumed = SNMF.load(tmp_path / "run" / "snmf" / "layer_00")
     X = ActivationStore.open(store).layer_array(0)
-    uninterrupted = SNMF(3, max_iter=60, tol=0.0, progress=False).fit(X)
+    uninterrupted = SNMF(3, max_iter=60, tol=0.0).fit(X)
     assert resumed.n_iter_ == uninterrupted.n_iter_ == 60
     np.testing.assert_array_equal(resumed.features_, uninterrupted.features_)
     np.testing.assert_array_equal(resumed.codes_, uninterrupted.codes_)

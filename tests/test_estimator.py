@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import jsnmf
+from rounding import rounding_tolerances
 from jsnmf import SNMF
 
 from snmf_reference import matched_cosines, planted_problem, run_mu
@@ -20,8 +21,7 @@ def planted():
 @pytest.mark.parametrize("solver", SNMF.solvers)
 def test_planted_features_are_recovered(planted, solver):
     X, F_true, _ = planted
-    model = SNMF(6, solver=solver, sparsity=0.15, init="svd", max_iter=600, patience=100, seed=0,
-                 progress=False).fit(X)
+    model = SNMF(6, solver=solver, sparsity=0.15, init="svd", max_iter=600, patience=100, seed=0).fit(X)
     cos = matched_cosines(F_true, model.features_)
     assert cos.min() >= 0.95, f"{solver}: matched cosines {np.round(cos, 3)}"
     assert (model.codes_ >= 0).all()
@@ -34,8 +34,7 @@ def test_mu_agrees_with_numpy_reference(sparsity):
     G0 = rng.random((300, 6)).astype(np.float32) + 0.01
     F0 = rng.normal(size=(80, 6)).astype(np.float32)
     reference = run_mu(X, G0, 20, p=sparsity)
-    model = SNMF(6, solver="mu", sparsity=sparsity, init=(F0, G0), max_iter=20, patience=1000, tol=0.0,
-                 progress=False).fit(X)
+    model = SNMF(6, solver="mu", sparsity=sparsity, init=(F0, G0), max_iter=20, patience=1000, tol=0.0).fit(X)
 
     ref_losses = np.array([loss for _, _, loss in reference])
     assert model.n_iter_ == 20
@@ -49,7 +48,7 @@ def test_mu_agrees_with_numpy_reference(sparsity):
 
 def test_mu_loss_never_increases_without_sparsification(planted):
     X, _, _ = planted
-    model = SNMF(6, solver="mu", sparsity=None, max_iter=150, patience=1000, tol=0.0, progress=False).fit(X)
+    model = SNMF(6, solver="mu", sparsity=None, max_iter=150, patience=1000, tol=0.0).fit(X)
     steps = np.diff(model.loss_history_)
     # Float32 statistics: allow rounding of a few ulps of ‖X‖².
     assert steps.max() <= 1e-6 * float(np.sum(X.astype(np.float64) ** 2)), steps.max()
@@ -57,8 +56,8 @@ def test_mu_loss_never_increases_without_sparsification(planted):
 
 def test_hals_reaches_mu_error_in_fewer_iterations(planted):
     X, _, _ = planted
-    mu = SNMF(6, solver="mu", sparsity=0.15, max_iter=200, patience=1000, tol=0.0, progress=False).fit(X)
-    hals = SNMF(6, solver="hals", sparsity=0.15, max_iter=200, patience=1000, tol=0.0, progress=False).fit(X)
+    mu = SNMF(6, solver="mu", sparsity=0.15, max_iter=200, patience=1000, tol=0.0).fit(X)
+    hals = SNMF(6, solver="hals", sparsity=0.15, max_iter=200, patience=1000, tol=0.0).fit(X)
     target = mu.loss_history_.min()
     reached = np.nonzero(hals.loss_history_ <= target * 1.0001)[0]
     assert reached.size and reached[0] < 100
@@ -66,7 +65,7 @@ def test_hals_reaches_mu_error_in_fewer_iterations(planted):
 
 def test_fit_transform_attributes(planted):
     X, _, _ = planted
-    model = SNMF(6, max_iter=30, progress=False)
+    model = SNMF(6, max_iter=30)
     G = model.fit_transform(X)
     assert G is model.codes_
     assert model.features_.shape == (120, 6) and model.codes_.shape == (600, 6)
@@ -79,7 +78,7 @@ def test_fit_transform_attributes(planted):
 
 def test_transform_on_training_data_reproduces_codes(planted):
     X, _, _ = planted
-    model = SNMF(6, solver="hals", sparsity=0.15, init="svd", max_iter=400, progress=False).fit(X)
+    model = SNMF(6, solver="hals", sparsity=0.15, init="svd", max_iter=400).fit(X)
     G = model.transform(X)
     assert (G >= 0).all()
     assert np.linalg.norm(G - model.codes_) / np.linalg.norm(model.codes_) < 0.02
@@ -90,7 +89,7 @@ def test_transform_on_training_data_reproduces_codes(planted):
 
 def test_transform_new_tokens_and_score(planted):
     X, _, _ = planted
-    model = SNMF(6, solver="hals", sparsity=0.15, init="svd", max_iter=300, progress=False).fit(X[:500])
+    model = SNMF(6, solver="hals", sparsity=0.15, init="svd", max_iter=300).fit(X[:500])
     assert model.transform(X[500:]).shape == (100, 6)
     ev = model.score(X[500:])
     assert 0.95 < ev <= 1.0
@@ -102,9 +101,9 @@ def test_transform_new_tokens_and_score(planted):
 
 def test_same_seed_same_result_different_seed_different(planted):
     X, _, _ = planted
-    a = SNMF(6, max_iter=20, seed=11, progress=False).fit(X)
-    b = SNMF(6, max_iter=20, seed=11, progress=False).fit(X)
-    c = SNMF(6, max_iter=20, seed=12, progress=False).fit(X)
+    a = SNMF(6, max_iter=20, seed=11).fit(X)
+    b = SNMF(6, max_iter=20, seed=11).fit(X)
+    c = SNMF(6, max_iter=20, seed=12).fit(X)
     np.testing.assert_array_equal(a.features_, b.features_)
     np.testing.assert_array_equal(a.codes_, b.codes_)
     assert not np.array_equal(a.codes_, c.codes_)
@@ -112,7 +111,7 @@ def test_same_seed_same_result_different_seed_different(planted):
 
 def test_stopping_rule_patience(planted):
     X, _, _ = planted
-    model = SNMF(6, solver="hals", max_iter=5000, tol=1e-3, patience=5, progress=False).fit(X)
+    model = SNMF(6, solver="hals", max_iter=5000, tol=1e-3, patience=5).fit(X)
     assert model.n_iter_ < 5000
     losses = model.loss_history_
     sq = float(np.sum(X.astype(np.float64) ** 2))
@@ -124,15 +123,15 @@ def test_stopping_rule_patience(planted):
 def test_low_precision_input_is_accepted(planted, dtype):
     X, _, _ = planted
     X_low = jnp.asarray(X, dtype)
-    model = SNMF(6, solver="hals", sparsity=0.15, init="svd", max_iter=200, progress=False).fit(X_low)
-    reference = SNMF(6, solver="hals", sparsity=0.15, init="svd", max_iter=200, progress=False).fit(X)
+    model = SNMF(6, solver="hals", sparsity=0.15, init="svd", max_iter=200).fit(X_low)
+    reference = SNMF(6, solver="hals", sparsity=0.15, init="svd", max_iter=200).fit(X)
     assert model.features_.dtype == np.float32
     assert model.relative_error_ == pytest.approx(reference.relative_error_, abs=0.01)
 
 
 def test_save_load_round_trip_is_exact(planted, tmp_path):
     X, _, _ = planted
-    model = SNMF(6, solver="hals", sparsity=0.1, max_iter=40, seed=3, progress=False).fit(X)
+    model = SNMF(6, solver="hals", sparsity=0.1, max_iter=40, seed=3).fit(X)
     model.save(tmp_path / "ckpt")
     manifest = json.loads((tmp_path / "ckpt" / "manifest.json").read_text())
     assert manifest["format"] == "jsnmf.SNMF" and manifest["jsnmf_version"] == jsnmf.__version__
@@ -176,7 +175,7 @@ def test_bad_settings(kwargs, message):
 ])
 def test_bad_matrices(X, message):
     with pytest.raises(ValueError, match=message):
-        SNMF(2, progress=False).fit(X)
+        SNMF(2).fit(X)
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
@@ -184,27 +183,27 @@ def test_non_finite_X_is_rejected_with_position(bad):
     X = np.ones((6, 5), np.float32)
     X[4, 2] = bad
     with pytest.raises(ValueError, match=r"NaN or Inf \(first at row 4, column 2\)"):
-        SNMF(2, progress=False).fit(X)
+        SNMF(2).fit(X)
 
 
 def test_rank_larger_than_data():
     with pytest.raises(ValueError, match=r"rank 6 exceeds min\(n_tokens, d_mlp\) = 5"):
-        SNMF(6, progress=False).fit(np.random.default_rng(0).random((20, 5)).astype(np.float32))
+        SNMF(6).fit(np.random.default_rng(0).random((20, 5)).astype(np.float32))
 
 
 def test_init_pair_is_checked(planted):
     X, _, _ = planted
     with pytest.raises(ValueError, match="init F0 must have shape"):
-        SNMF(6, init=(np.ones((5, 6)), np.ones((600, 6))), progress=False).fit(X)
+        SNMF(6, init=(np.ones((5, 6)), np.ones((600, 6)))).fit(X)
     with pytest.raises(ValueError, match="non-negative"):
-        SNMF(6, init=(np.ones((120, 6)), -np.ones((600, 6))), progress=False).fit(X)
+        SNMF(6, init=(np.ones((120, 6)), -np.ones((600, 6)))).fit(X)
 
 
 def test_use_before_fit_and_wrong_width(planted):
     X, _, _ = planted
     with pytest.raises(ValueError, match="not fitted yet"):
         SNMF(3).transform(X)
-    model = SNMF(3, max_iter=5, progress=False).fit(X)
+    model = SNMF(3, max_iter=5).fit(X)
     with pytest.raises(ValueError, match="X has 100 columns but this SNMF was fitted on d_mlp = 120"):
         model.transform(X[:, :100])
 
@@ -233,7 +232,7 @@ def test_scikit_learn_parameter_contract(planted):
     import inspect
 
     X, _, _ = planted
-    model = SNMF(4, solver="hals", sparsity=None, max_iter=5, progress=False)
+    model = SNMF(4, solver="hals", sparsity=None, max_iter=5)
     constructor = [n for n in inspect.signature(SNMF.__init__).parameters if n != "self"]
     assert list(model.get_params()) == constructor == list(model.get_params(deep=False))
     assert model.set_params(max_iter=7, tol=0.0) is model and model.max_iter == 7 and model.tol == 0.0
@@ -249,11 +248,34 @@ def test_scikit_learn_parameter_contract(planted):
     np.testing.assert_array_equal(fresh.fit(X).features_, model.features_)
 
 
-def test_sklearn_clone_works_when_installed(planted):
-    base = pytest.importorskip("sklearn.base")
-    model = SNMF(4, max_iter=5, progress=False, init="svd")
+def test_sklearn_clone_works(planted):
+    from sklearn import base
+
+    model = SNMF(4, max_iter=5, init="svd")
     fresh = base.clone(model)
     assert fresh is not model and fresh.get_params() == model.get_params()
+
+
+def test_runtime_settings_belong_to_fit_not_to_the_model(planted, tmp_path):
+    """The constructor holds the algorithm; where a fit runs is given to ``fit``, and a model saved
+    before that split (runtime settings among its params) still loads."""
+    X, _, _ = planted
+    assert set(SNMF(4).get_params()) == {"rank", "solver", "sparsity", "init", "max_iter", "tol", "patience",
+                                         "seed", "dtype", "ridge", "hals_sweeps"}
+    with pytest.raises(TypeError, match="chunk_tokens"):
+        SNMF(4, chunk_tokens=100)
+    in_memory, tolerances = rounding_tolerances(lambda: SNMF(4, max_iter=5), X)
+    streamed = SNMF(4, max_iter=5).fit(X, chunk_tokens=100, codes_on_disk=tmp_path / "codes",
+                                       checkpoint_dir=tmp_path / "ckpt", checkpoint_every=2, max_to_keep=1)
+    tolerances.check(in_memory, streamed.features_, streamed.codes_, streamed.loss_history_, "streamed")
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir() if p.name.isdigit()) == ["5"]
+    in_memory.save(tmp_path / "saved")
+    manifest_path = tmp_path / "saved" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["params"].update(progress=False, mesh=None, chunk_tokens=None, codes_on_disk=False,
+                              checkpoint_every=50, max_to_keep=2)
+    manifest_path.write_text(json.dumps(manifest))
+    assert SNMF.load(tmp_path / "saved").get_params() == in_memory.get_params()
 
 
 # -- non-finite data and iterates (hardening): a clear error, never a NaN result or a checkpoint ----
@@ -265,7 +287,7 @@ def test_values_that_overflow_the_dtype_raise_instead_of_a_nan_fit(dtype, scale)
 
     X = np.abs(np.random.default_rng(0).standard_normal((200, 32))).astype(np.float32) * scale
     with pytest.raises(NonFiniteError, match=r"sum of squares of X is inf.*too large for the fit's dtype"):
-        SNMF(4, max_iter=20, dtype=dtype, progress=False).fit(X)
+        SNMF(4, max_iter=20, dtype=dtype).fit(X)
 
 
 def test_overflow_with_checkpoints_exits_promptly_and_writes_no_checkpoint(tmp_path):
@@ -278,7 +300,7 @@ def test_overflow_with_checkpoints_exits_promptly_and_writes_no_checkpoint(tmp_p
         import numpy as np
         from jsnmf import SNMF
         X = np.abs(np.random.default_rng(0).standard_normal((200, 32))).astype("f4") * 1e20
-        SNMF(4, max_iter=20, progress=False).fit(X, checkpoint_dir={str(tmp_path / "ckpt")!r})
+        SNMF(4, max_iter=20).fit(X, checkpoint_dir={str(tmp_path / "ckpt")!r}, progress=False)
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and "NonFiniteError" in done.stderr and "sum of squares of X is inf" in done.stderr

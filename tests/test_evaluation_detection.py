@@ -164,8 +164,7 @@ def test_snmf_features_matched_to_concepts_detect_them(demo_setup):
     acts = sentence_activations(model, sequences, 1, skip=skip)
     X = np.concatenate(acts)
     token_sentence = np.repeat(np.arange(len(acts)), [len(a) for a in acts])
-    snmf = SNMF(rank=demo.DEMO_RANK, sparsity=demo.DEMO_SPARSITY, init=demo.DEMO_INIT,
-                max_iter=demo.DEMO_MAX_ITER, progress=False, seed=0).fit(X)
+    snmf = SNMF(rank=demo.DEMO_RANK, sparsity=demo.DEMO_SPARSITY, init=demo.DEMO_INIT, max_iter=demo.DEMO_MAX_ITER, seed=0).fit(X)
     matches = match_concepts(snmf.codes_, token_sentence, labels, concepts)
     assert all(m["feature"] is not None and m["carry"] >= 0.9 for m in matches.values()), matches
     assert len({m["feature"] for m in matches.values()}) == len(concepts)  # one feature per planted concept

@@ -17,7 +17,7 @@ from jsnmf.store import ActivationStore
 from snmf_reference import planted_problem
 
 N, D, K, CHUNK, LAYER = 1000, 64, 6, 128, 2
-SETTINGS = dict(rank=K, solver="hals", sparsity=0.2, tol=0.0, patience=1000, progress=False)
+SETTINGS = dict(rank=K, solver="hals", sparsity=0.2, tol=0.0, patience=1000)
 
 # The fit the parent kills. Streamed, it reads the store through the plain chunk-source protocol
 # with a pause per chunk, so that it lasts long enough to be killed in the middle.
@@ -36,13 +36,14 @@ class SlowStore:
         time.sleep(0.02)
         return self.store.read(layer, start, stop, raw=raw)
 
-mode, store_path, checkpoint_dir, settings = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+mode, store_path, checkpoint_dir = sys.argv[1], sys.argv[2], sys.argv[3]
+settings, run = json.loads(sys.argv[4]), json.loads(sys.argv[5])
 store = ActivationStore.open(store_path)
 X = SlowStore(store) if mode == "streamed" else store.layer_array(2)
-model = SNMF(**settings).fit(X, checkpoint_dir=checkpoint_dir, resume=True)
-if len(sys.argv) > 5:  # where to put the result
+model = SNMF(**settings).fit(X, checkpoint_dir=checkpoint_dir, resume=True, **run)
+if len(sys.argv) > 6:  # where to put the result
     import numpy as np
-    np.savez(sys.argv[5], features=model.features_, codes=model.codes_, loss=model.loss_history_,
+    np.savez(sys.argv[6], features=model.features_, codes=model.codes_, loss=model.loss_history_,
              n_iter=model.n_iter_)
 print("finished")
 """
@@ -50,11 +51,12 @@ print("finished")
 SHARDED_DEVICES = 4
 
 
-def child_command(mode, store, checkpoint_dir, settings, out=None):
+def child_command(mode, store, checkpoint_dir, settings, run, out=None):
     env = dict(os.environ)
     if mode == "sharded":
         env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={SHARDED_DEVICES}")
-    command = [sys.executable, "-c", CHILD, mode, str(store.path), str(checkpoint_dir), json.dumps(settings)]
+    command = [sys.executable, "-c", CHILD, mode, str(store.path), str(checkpoint_dir), json.dumps(settings),
+               json.dumps(run)]
     return command + ([str(out)] if out is not None else []), env
 
 
@@ -76,9 +78,9 @@ def steps(directory):
     return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.exists() else []
 
 
-def run_and_kill(mode, store, checkpoint_dir, settings, kill_after_steps=2):
+def run_and_kill(mode, store, checkpoint_dir, settings, run, kill_after_steps=2):
     """Start the fit in a subprocess, SIGKILL it once ``kill_after_steps`` checkpoints are complete."""
-    command, env = child_command(mode, store, checkpoint_dir, settings)
+    command, env = child_command(mode, store, checkpoint_dir, settings, run)
     child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240
     try:
@@ -104,34 +106,34 @@ def assert_same_fit(a, b):
 
 
 def test_killed_streamed_fit_resumes_to_the_same_factors(store, tmp_path):
-    settings = dict(SETTINGS, max_iter=15, checkpoint_every=3)
-    left = run_and_kill("streamed", store, tmp_path / "ckpt", settings)
+    settings, run = dict(SETTINGS, max_iter=15), dict(checkpoint_every=3)
+    left = run_and_kill("streamed", store, tmp_path / "ckpt", settings, run)
     assert left and max(left) < 15  # killed in the middle of the fit
-    resumed = SNMF(**settings).fit(store, layer=LAYER, checkpoint_dir=tmp_path / "ckpt", resume=True)
-    uninterrupted = SNMF(**settings).fit(store, layer=LAYER, checkpoint_dir=tmp_path / "reference")
+    resumed = SNMF(**settings).fit(store, layer=LAYER, checkpoint_dir=tmp_path / "ckpt", resume=True, **run)
+    uninterrupted = SNMF(**settings).fit(store, layer=LAYER, checkpoint_dir=tmp_path / "reference", **run)
     assert_same_fit(resumed, uninterrupted)
     assert resumed.n_iter_ == 15
 
 
 def test_killed_in_memory_fit_resumes_to_the_same_factors(store, tmp_path):
-    settings = dict(SETTINGS, max_iter=12, checkpoint_every=1, max_to_keep=3)
-    left = run_and_kill("memory", store, tmp_path / "ckpt", settings, kill_after_steps=3)
+    settings, run = dict(SETTINGS, max_iter=12), dict(checkpoint_every=1, max_to_keep=3)
+    left = run_and_kill("memory", store, tmp_path / "ckpt", settings, run, kill_after_steps=3)
     assert left and max(left) < 12
     X = store.layer_array(LAYER)
-    resumed = SNMF(**settings).fit(X, checkpoint_dir=tmp_path / "ckpt", resume=True)
-    uninterrupted = SNMF(**settings).fit(X, checkpoint_dir=tmp_path / "reference")
+    resumed = SNMF(**settings).fit(X, checkpoint_dir=tmp_path / "ckpt", resume=True, **run)
+    uninterrupted = SNMF(**settings).fit(X, checkpoint_dir=tmp_path / "reference", **run)
     assert_same_fit(resumed, uninterrupted)
     assert len(steps(tmp_path / "ckpt")) <= 3  # max_to_keep
 
 
 def test_killed_sharded_fit_resumes_to_the_same_factors(store, tmp_path):
     """A fit over 4 devices, killed, resumed over 4 devices: the same factors as an uninterrupted one."""
-    settings = dict(SETTINGS, max_iter=12, checkpoint_every=1, max_to_keep=3)
-    left = run_and_kill("sharded", store, tmp_path / "ckpt", settings, kill_after_steps=3)
+    settings, run = dict(SETTINGS, max_iter=12), dict(checkpoint_every=1, max_to_keep=3)
+    left = run_and_kill("sharded", store, tmp_path / "ckpt", settings, run, kill_after_steps=3)
     assert left and max(left) < 12
     results = {}
     for name in ("ckpt", "reference"):
-        command, env = child_command("sharded", store, tmp_path / name, settings, out=tmp_path / f"{name}.npz")
+        command, env = child_command("sharded", store, tmp_path / name, settings, run, out=tmp_path / f"{name}.npz")
         finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
         assert finished.returncode == 0, finished.stderr[-3000:]
         with np.load(tmp_path / f"{name}.npz") as out:
@@ -145,8 +147,8 @@ def test_killed_sharded_fit_resumes_to_the_same_factors(store, tmp_path):
 
 
 def test_checkpoint_contents_and_resuming_a_finished_fit(store, tmp_path):
-    settings = dict(SETTINGS, max_iter=20, checkpoint_every=7, max_to_keep=2)
-    first = SNMF(**settings, codes_on_disk=tmp_path / "codes").fit(store, checkpoint_dir=tmp_path / "ckpt")
+    settings, run = dict(SETTINGS, max_iter=20), dict(checkpoint_every=7, max_to_keep=2)
+    first = SNMF(**settings).fit(store, checkpoint_dir=tmp_path / "ckpt", codes_on_disk=tmp_path / "codes", **run)
     assert steps(tmp_path / "ckpt") == [14, 20]  # every 7 iterations and at the end; the newest 2 kept
     problem = json.loads((tmp_path / "ckpt" / PROBLEM_FILE).read_text())
     assert problem["format"] == "jsnmf.fit_checkpoint"
@@ -155,15 +157,15 @@ def test_checkpoint_contents_and_resuming_a_finished_fit(store, tmp_path):
     assert problem["source"]["path"] == str(store.path) and problem["source"]["layer"] == LAYER
     assert len(problem["fingerprint"]) == 64
     # Resuming a finished fit runs no iteration and returns the same result.
-    again = SNMF(**settings).fit(store, checkpoint_dir=tmp_path / "ckpt", resume=True)
+    again = SNMF(**settings).fit(store, checkpoint_dir=tmp_path / "ckpt", resume=True, **run)
     assert_same_fit(again, first)
     # A larger max_iter continues it, to the same factors as a fit run that long at once.
     longer = dict(settings, max_iter=26)
-    continued = SNMF(**longer).fit(store, checkpoint_dir=tmp_path / "ckpt", resume=True)
-    assert_same_fit(continued, SNMF(**longer).fit(store, checkpoint_dir=tmp_path / "reference"))
+    continued = SNMF(**longer).fit(store, checkpoint_dir=tmp_path / "ckpt", resume=True, **run)
+    assert_same_fit(continued, SNMF(**longer).fit(store, checkpoint_dir=tmp_path / "reference", **run))
     # The in-memory fit resumes the streamed fit's checkpoint (equal up to float rounding).
     in_memory = SNMF(**dict(longer, max_iter=30)).fit(store.layer_array(LAYER), checkpoint_dir=tmp_path / "ckpt",
-                                                     resume=True)
+                                                     resume=True, **run)
     streamed = SNMF(**dict(longer, max_iter=30)).fit(store)
     assert in_memory.n_iter_ == 30
     # Float32 rounding differs between the paths; the loss is a difference of nearly cancelling terms.
@@ -171,9 +173,9 @@ def test_checkpoint_contents_and_resuming_a_finished_fit(store, tmp_path):
 
 
 def test_resume_refuses_a_checkpoint_of_another_problem(store, tmp_path):
-    settings = dict(SETTINGS, max_iter=4, checkpoint_every=2)
+    settings = dict(SETTINGS, max_iter=4)
     checkpoint_dir = tmp_path / "ckpt"
-    SNMF(**settings).fit(store, checkpoint_dir=checkpoint_dir)
+    SNMF(**settings).fit(store, checkpoint_dir=checkpoint_dir, checkpoint_every=2)
     X = store.layer_array(LAYER)
     for change, message in [
         (dict(rank=5), "rank 6 \\(checkpoint\\) vs 5 \\(this fit\\)"),
@@ -195,6 +197,6 @@ def test_resume_refuses_a_checkpoint_of_another_problem(store, tmp_path):
     # Nothing was overwritten: the original fit still resumes.
     assert SNMF(**settings).fit(store, checkpoint_dir=checkpoint_dir, resume=True).n_iter_ == 4
     # An empty directory with resume=True simply starts the fit.
-    fresh = SNMF(**settings).fit(store, checkpoint_dir=tmp_path / "empty", resume=True)
+    fresh = SNMF(**settings).fit(store, checkpoint_dir=tmp_path / "empty", resume=True, checkpoint_every=2)
     assert fresh.n_iter_ == 4 and steps(tmp_path / "empty") == [2, 4]
     assert os.path.isfile(tmp_path / "empty" / PROBLEM_FILE)

@@ -52,7 +52,7 @@ def sharded_run(tmp_path_factory):
                 lambda: SNMF(RANK, solver="mu", sparsity=0.2, **SETTINGS), X_layer)
         for init in ("random", "kmeans"):
             references[f"streamed_{init}"] = rounding_tolerances(
-                lambda: SNMF(RANK, solver="hals", sparsity=0.2, chunk_tokens=64, init=init, **SETTINGS), X)
+                lambda: SNMF(RANK, solver="hals", sparsity=0.2, init=init, **SETTINGS), X, chunk_tokens=64)
         worker.finish_workers([process], [log], timeout=480)
     finally:
         worker.kill_workers([process])
@@ -132,9 +132,9 @@ def test_mesh_without_data_axis_is_refused(sharded_run):
     assert "no 'data' axis" in str(results["bad_mesh_error"])
     one = np.array(jax.devices()[:1])
     with pytest.raises(ValueError, match="no 'data' axis"):
-        SNMF(3, mesh=Mesh(one, ("model",)))
+        SNMF(3).fit(np.ones((8, 4), np.float32), mesh=Mesh(one, ("model",)))
     with pytest.raises(ValueError, match="must be a jax.sharding.Mesh"):
-        SNMF(3, mesh="data")
+        SNMF(3).fit(np.ones((8, 4), np.float32), mesh="data")
 
 
 # -- in this process: one device ------------------------------------------------------------------
@@ -173,7 +173,7 @@ def test_one_device_mesh_runs_the_sharded_path():
     X, X_new = worker.problem()
     settings = dict(solver="hals", sparsity=0.2, **SETTINGS)
     plain, tolerances = rounding_tolerances(lambda: SNMF(RANK, **settings), X, X_new)
-    sharded = SNMF(RANK, mesh=one_device_mesh(), **settings).fit(X)
+    sharded = SNMF(RANK, **settings).fit(X, mesh=one_device_mesh())
     tolerances.check(plain, sharded.features_, sharded.codes_, sharded.loss_history_)
     assert sharded.n_iter_ == plain.n_iter_ == SETTINGS["max_iter"]
     assert sharded.relative_error_ == pytest.approx(plain.relative_error_, rel=tolerances.loss)
@@ -181,7 +181,7 @@ def test_one_device_mesh_runs_the_sharded_path():
     # A global X assembled once can be fitted and scored again without re-assembling.
     rows = global_rows(X, one_device_mesh())
     assert rows.layout.n_rows == 301 and rows.n_columns == 60
-    again = SNMF(RANK, mesh=one_device_mesh(), **settings).fit(rows)
+    again = SNMF(RANK, **settings).fit(rows, mesh=one_device_mesh())
     np.testing.assert_array_equal(again.features_, sharded.features_)
 
 
@@ -190,11 +190,11 @@ def test_sharded_input_is_checked():
     X = np.ones((6, 5), np.float32)
     X[4, 2] = np.nan
     with pytest.raises(ValueError, match=r"NaN or Inf \(first at row 4, column 2\)"):
-        SNMF(2, mesh=mesh, progress=False).fit(X)
+        SNMF(2).fit(X, mesh=mesh)
     with pytest.raises(ValueError, match="all zeros"):
-        SNMF(2, mesh=mesh, progress=False).fit(np.zeros((6, 5), np.float32))
+        SNMF(2).fit(np.zeros((6, 5), np.float32), mesh=mesh)
     with pytest.raises(ValueError, match=r"rank 6 exceeds min\(n_tokens, d_mlp\) = 5"):
-        SNMF(6, mesh=mesh, progress=False).fit(np.ones((20, 5), np.float32))
+        SNMF(6).fit(np.ones((20, 5), np.float32), mesh=mesh)
 
 
 def test_row_layout_pads_and_recovers_local_rows():

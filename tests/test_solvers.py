@@ -59,11 +59,11 @@ def test_apg_is_registered_and_reaches_every_consumer():
 
 def test_apg_fit_recovers_planted_features_and_stays_finite():
     X, F_true, _ = planted_problem(n=600, d=120, k=6, density=0.15, noise=0.01, seed=0)
-    model = SNMF(6, solver="apg", sparsity=0.15, init="svd", max_iter=300, seed=0, progress=False).fit(X)
+    model = SNMF(6, solver="apg", sparsity=0.15, init="svd", max_iter=300, seed=0).fit(X)
     assert np.isfinite(model.loss_history_).all() and (model.codes_ >= 0).all()
     # apg makes more progress per pass than mu on the same budget.
-    mu = SNMF(6, solver="mu", sparsity=0.15, init="svd", max_iter=30, seed=0, progress=False).fit(X)
-    fast = SNMF(6, solver="apg", sparsity=0.15, init="svd", max_iter=30, seed=0, progress=False).fit(X)
+    mu = SNMF(6, solver="mu", sparsity=0.15, init="svd", max_iter=30, seed=0).fit(X)
+    fast = SNMF(6, solver="apg", sparsity=0.15, init="svd", max_iter=30, seed=0).fit(X)
     assert fast.relative_error_ < mu.relative_error_
     assert APG_STEPS >= 1
 

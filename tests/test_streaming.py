@@ -40,7 +40,7 @@ def rel(a, b):
     return float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b)))
 
 
-SETTINGS = dict(sparsity=0.2, max_iter=20, tol=0.0, patience=1000, progress=False)
+SETTINGS = dict(sparsity=0.2, max_iter=20, tol=0.0, patience=1000)
 
 
 @pytest.mark.parametrize("solver", SNMF.solvers)
@@ -72,7 +72,7 @@ def test_codes_on_disk_and_memmap_input(data, tmp_path):
     np.save(tmp_path / "X.npy", X)
     X_map = np.load(tmp_path / "X.npy", mmap_mode="r")
     memory = SNMF(K, solver="hals", **SETTINGS).fit(X)
-    streamed = SNMF(K, solver="hals", codes_on_disk=tmp_path / "codes", chunk_tokens=300, **SETTINGS).fit(X_map)
+    streamed = SNMF(K, solver="hals", **SETTINGS).fit(X_map, codes_on_disk=tmp_path / "codes", chunk_tokens=300)
     assert isinstance(streamed.codes_, np.memmap)
     assert sorted(p.name for p in (tmp_path / "codes").iterdir()) == ["codes.npy"]
     np.testing.assert_array_equal(np.load(tmp_path / "codes" / "codes.npy"), streamed.codes_)
@@ -109,7 +109,7 @@ def test_protocol_source_with_uneven_chunks(data, tmp_path):
 def test_bfloat16_store_stays_close_to_float32(data):
     X, F_true, store, bf16 = data
     assert sources.make_plan(bf16, LAYER).raw_dtype == jnp.bfloat16  # streamed as stored: 2 bytes a value
-    settings = dict(solver="hals", sparsity=0.2, max_iter=150, tol=1e-7, patience=30, progress=False)
+    settings = dict(solver="hals", sparsity=0.2, max_iter=150, tol=1e-7, patience=30)
     full = SNMF(K, **settings).fit(store, layer=LAYER)
     low = SNMF(K, dtype="bfloat16", **settings).fit(bf16)
     assert low.features_.dtype == np.float32 and low.codes_.dtype == np.float32
@@ -120,7 +120,7 @@ def test_bfloat16_store_stays_close_to_float32(data):
 
 def test_stopping_rule_and_best_iterate_match_in_memory(data):
     X, _, store, _ = data
-    settings = dict(solver="hals", sparsity=0.2, max_iter=500, tol=1e-4, patience=5, progress=False)
+    settings = dict(solver="hals", sparsity=0.2, max_iter=500, tol=1e-4, patience=5)
     memory = SNMF(K, **settings).fit(X)
     streamed = SNMF(K, **settings).fit(store, layer=LAYER)
     assert streamed.n_iter_ == memory.n_iter_ < 500
@@ -134,7 +134,7 @@ def test_stopping_rule_and_best_iterate_match_in_memory(data):
 @pytest.mark.parametrize("init", ["kmeans", "svd"])
 def test_streamed_kmeans_and_svd_starts(data, init):
     X, F_true, store, _ = data
-    settings = dict(solver="hals", sparsity=0.2, init=init, max_iter=3, tol=0.0, patience=1000, progress=False)
+    settings = dict(solver="hals", sparsity=0.2, init=init, max_iter=3, tol=0.0, patience=1000)
     memory = SNMF(K, **settings).fit(X)
     streamed = SNMF(K, **settings).fit(store, layer=LAYER)
     # k-means is the same algorithm pass by pass; the streamed SVD is a subspace iteration on XᵀX
@@ -162,11 +162,11 @@ def test_random_codes_equal_jax_uniform_rows():
 def test_store_layer_must_be_chosen_and_present(data):
     _, _, store, _ = data
     with pytest.raises(ValueError, match=r"holds layers \[2, 5\]: pass fit\(store, layer=L\)"):
-        SNMF(K, progress=False).fit(store)
+        SNMF(K).fit(store)
     with pytest.raises(ValueError, match="layer 7 is not in the store"):
-        SNMF(K, progress=False).fit(store, layer=7)
+        SNMF(K).fit(store, layer=7)
     with pytest.raises(ValueError, match="layer= selects a layer of an ActivationStore"):
-        SNMF(K, progress=False).fit(np.ones((10, 8), np.float32), layer=1)
+        SNMF(K).fit(np.ones((10, 8), np.float32), layer=1)
 
 
 def test_bad_streamed_data_is_reported(tmp_path):
@@ -174,18 +174,18 @@ def test_bad_streamed_data_is_reported(tmp_path):
     X[257, 9] = np.nan  # (a store refuses non-finite values when it is written; a memmap does not)
     np.save(tmp_path / "nan.npy", X)
     with pytest.raises(ValueError, match=r"NaN or Inf \(first at row 257, column 9 of .*nan.npy, chunk \[256, 300\)\)"):
-        SNMF(3, progress=False, max_iter=2, chunk_tokens=128).fit(np.load(tmp_path / "nan.npy", mmap_mode="r"))
+        SNMF(3, max_iter=2).fit(np.load(tmp_path / "nan.npy", mmap_mode="r"), chunk_tokens=128)
     zeros = write_store(tmp_path / "zeros", {0: np.zeros((50, D), np.float32)})
     with pytest.raises(ValueError, match="all zeros"):
-        SNMF(3, progress=False, max_iter=2).fit(zeros)
+        SNMF(3, max_iter=2).fit(zeros)
     with pytest.raises(ValueError, match=r"rank 51 exceeds min\(n_tokens, d_mlp\) = 50 for X of shape \(50, 64\)"):
-        SNMF(51, progress=False).fit(zeros)
+        SNMF(51).fit(zeros)
     with pytest.raises(ValueError, match=r"init G0 must have shape \(n_tokens, rank\) = \(50, 3\)"):
-        SNMF(3, init=(np.ones((D, 3)), np.ones((40, 3))), progress=False).fit(zeros)
+        SNMF(3, init=(np.ones((D, 3)), np.ones((40, 3)))).fit(zeros)
     source = NpyChunks.__new__(NpyChunks)
     source.n_tokens, source.d_mlp, source.chunk_bounds = 100, D, [(0, 50), (60, 100)]
     with pytest.raises(ValueError, match=r"chunk bounds must tile \[0, 100\) in order; found \(60, 100\) after 50"):
-        SNMF(3, progress=False).fit(source)
+        SNMF(3).fit(source)
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -196,7 +196,7 @@ def test_bad_streamed_data_is_reported(tmp_path):
 ])
 def test_bad_streaming_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        SNMF(3, **kwargs)
+        SNMF(3).fit(np.ones((8, 4), np.float32), **kwargs)
 
 
 def test_a_pass_holds_at_most_two_chunks_of_x(data):

@@ -97,14 +97,13 @@ def fit_hierarchy(X, ranks: Sequence[int], *, sparsity: float | None | Sequence[
     levels = list(sparsity) if isinstance(sparsity, (list, tuple)) else [sparsity] * len(ranks)
     if len(levels) != len(ranks):
         raise ValueError(f"{len(levels)} sparsity values for {len(ranks)} levels")
-    snmf_kwargs.setdefault("progress", False)
-    model = SNMF(rank=ranks[0], sparsity=levels[0], **snmf_kwargs).fit(np.asarray(X, np.float32))
+    model = SNMF(rank=ranks[0], sparsity=levels[0], **snmf_kwargs).fit(np.asarray(X, np.float32), progress=False)
     features, weights, codes = [np.asarray(model.features_)], [None], [np.asarray(model.codes_)]
     for rank, share in zip(ranks[1:], levels[1:]):
         prev = features[-1]
         norms = np.linalg.norm(prev, axis=0)
         samples = (prev / np.where(norms > 0, norms, 1.0)).T  # [k_prev, d]: each child a sample
-        fit = SNMF(rank=rank, sparsity=share, **snmf_kwargs).fit(samples.astype(np.float32))
+        fit = SNMF(rank=rank, sparsity=share, **snmf_kwargs).fit(samples.astype(np.float32), progress=False)
         features.append(np.asarray(fit.features_))
         weights.append(np.asarray(fit.codes_))
         codes.append(codes[-1] @ (norms[:, None] * weights[-1]))
