@@ -23,7 +23,7 @@ from typing import Sequence
 
 from jsnmf.io.files import atomic_write_json
 from jsnmf.dtypes import DTYPES
-from jsnmf.kernels.init import INITIALIZERS
+from jsnmf.fit.starts import INITIALIZERS
 from jsnmf.kernels.solvers import get_solver, solver_names
 from jsnmf.layout import RunLayout
 

@@ -33,7 +33,7 @@ from jsnmf.io.files import atomic_write_json
 from jsnmf.io.manifest import read_manifest
 from jsnmf.io.sources import make_plan
 from jsnmf.kernels.fit import SolverConfig, solve_codes
-from jsnmf.kernels.init import INITIALIZERS
+from jsnmf.fit.starts import INITIALIZERS
 from jsnmf.kernels.sharded import DATA, check_mesh, codes_solver, explained_variance
 from jsnmf.kernels.solvers import solver_names
 from jsnmf.kernels.steps import chunk_statistics, keep_count, matmul_f32

@@ -12,15 +12,32 @@ A run folder (``jsnmf run``; ``jsnmf extract/fit/report`` step by step) holds::
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["hook_name", "layer_dir_name", "RunLayout"]
+__all__ = ["HOOK_SITES", "hook_name", "parse_hook_name", "layer_dir_name", "RunLayout"]
+
+# The two MLP hook points, by TransformerLens' names: the MLP's hidden activation (where ``F``
+# lives) and what the MLP writes to the residual stream.
+HOOK_SITES = ("hook_post", "hook_mlp_out")
+_HOOK = re.compile(r"blocks\.(\d+)\.(mlp\.hook_post|hook_mlp_out)")
 
 
-def hook_name(layer: int) -> str:
-    """The ecosystem's name of the MLP activation of ``layer``: ``blocks.{layer}.mlp.hook_post``."""
-    return f"blocks.{int(layer)}.mlp.hook_post"
+def hook_name(layer: int, site: str = "hook_post") -> str:
+    """The ecosystem's name of ``site`` at ``layer``: ``blocks.{L}.mlp.hook_post`` (the MLP
+    activation) or ``blocks.{L}.hook_mlp_out``."""
+    if site not in HOOK_SITES:
+        raise ValueError(f"hook site must be one of {HOOK_SITES}, got {site!r}")
+    return f"blocks.{int(layer)}.mlp.hook_post" if site == "hook_post" else f"blocks.{int(layer)}.hook_mlp_out"
+
+
+def parse_hook_name(name: str) -> tuple[int, str]:
+    """``"blocks.3.hook_mlp_out"`` → ``(3, "hook_mlp_out")``; ``"blocks.3.mlp.hook_post"`` → ``(3, "hook_post")``."""
+    match = _HOOK.fullmatch(name)
+    if not match:
+        raise ValueError(f"unknown hook {name!r}; expected 'blocks.{{L}}.mlp.hook_post' or 'blocks.{{L}}.hook_mlp_out'")
+    return int(match[1]), match[2].removeprefix("mlp.")
 
 
 def layer_dir_name(layer: int) -> str:

@@ -1,7 +1,8 @@
 """Seeded initializers: each returns ``(F0, G0)`` with ``F0`` (d × k) and ``G0`` (n × k) ≥ 0.
 
 The first iteration recomputes ``F`` from ``G`` (docs/architecture.md, step 1), so ``G0`` is what matters;
-``F0`` is returned for completeness (and for users who want to inspect the starting point).
+``F0`` is returned for completeness (and for users who want to inspect the starting point). The
+initializers themselves, written once as passes over rows, are in :mod:`jsnmf.fit.starts`.
 """
 
 from __future__ import annotations
@@ -17,8 +18,7 @@ from jsnmf.kernels.steps import matmul_f32
 
 # Initial codes are kept strictly positive: the multiplicative update cannot move a zero.
 CODES_FLOOR = 1e-6
-# The SVD start's range finder, and the k-means start (Ding et al. 2010); the streamed starts
-# (jsnmf.fit.stream) use the same values.
+# The SVD start's subspace iteration, and the k-means start (Ding et al. 2010).
 SVD_OVERSAMPLE, SVD_POWER_ITERS = 10, 2
 KMEANS_ITERS, KMEANS_OFFSET = 20, 0.2
 
@@ -58,81 +58,66 @@ def random_codes(key: jax.Array, start: jax.Array, n_rows: int, k: int) -> jax.A
 
 
 def random_keys(key: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``(key_F, key_G)``: the keys :func:`random_init` draws ``F0`` and ``G0`` from."""
+    """``(key_F, key_G)``: the keys the random start draws ``F0`` and ``G0`` from."""
     key_F, key_G = jax.random.split(key)
     return key_F, key_G
 
 
-@partial(jax.jit, static_argnames=("k",))
-def random_init(key: jax.Array, X: jax.Array, k: int):
-    """The paper's random start: ``G ~ U[0, 1)`` floored at 1e-6, ``F ~ N(0, 1)``.
+# The per-chunk steps of the k-means and SVD starts. Each initializer is a sequence of passes over
+# the rows (jsnmf.fit.starts): in memory the rows are one chunk, streamed they are the store's chunks,
+# sharded they are the global row-sharded array. ``X_raw`` is a chunk in its stored precision, cast
+# to the compute ``dtype`` here; ``valid`` (chunk_rows,) is False on padding rows; accumulating
+# steps donate their accumulator.
 
-    ``G0`` comes from :func:`random_codes`, so a streamed fit can reproduce it chunk by chunk.
-    """
-    n, d = X.shape
-    key_F, key_G = random_keys(key)
-    G = random_codes(key_G, jnp.int32(0), n, k)
-    F = jax.random.normal(key_F, (d, k), jnp.float32)
-    return F, G
-
-
-@partial(jax.jit, static_argnames=("k", "oversample", "power_iters"))
-def svd_init(key: jax.Array, X: jax.Array, k: int, oversample: int = SVD_OVERSAMPLE,
-             power_iters: int = SVD_POWER_ITERS):
-    """SVD start in the spirit of Ding et al.: ``X ≈ U S Vᵀ`` (rank k), ``F = V``, ``G = (U S)⁺``.
-
-    The truncated SVD is a randomized range finder (Halko et al. 2011) so it costs a few passes of
-    ``n·d·k`` instead of ``n·d²``. Each component's sign is chosen so that its positive part
-    carries more mass; the negative part is clipped and a small floor keeps ``G`` positive.
-    """
-    n, d = X.shape
-    width = min(k + oversample, n, d)
-    omega = jax.random.normal(key, (d, width), jnp.float32)
-    Y, _ = jnp.linalg.qr(matmul_f32(X, omega))
-    for _ in range(power_iters):
-        Z, _ = jnp.linalg.qr(matmul_f32(X.T, Y))
-        Y, _ = jnp.linalg.qr(matmul_f32(X, Z))
-    B = matmul_f32(X.T, Y).T  # (width, d) = Yᵀ X
-    U_b, S, Vt = jnp.linalg.svd(B, full_matrices=False)
-    US = (Y @ U_b[:, :k]) * S[None, :k]
-    V = Vt[:k].T
-    positive_mass = jnp.sum(jnp.maximum(US, 0.0) ** 2, axis=0)
-    negative_mass = jnp.sum(jnp.maximum(-US, 0.0) ** 2, axis=0)
-    sign = jnp.where(positive_mass >= negative_mass, 1.0, -1.0)
-    US, V = US * sign, V * sign
-    G = jnp.maximum(US, 0.0)
-    floor = jnp.maximum(1e-3 * jnp.mean(G), CODES_FLOOR)
-    return V, G + floor
+@partial(jax.jit, static_argnames=("dtype",))
+def kmeans_assign(X_raw, centroids, valid, *, dtype):
+    """The chunk in ``dtype`` and the one-hot nearest centroid of each valid row."""
+    X = X_raw.astype(dtype)
+    sq_rows = jnp.sum(jnp.square(X.astype(jnp.float32)), axis=1)
+    distance = sq_rows[:, None] - 2.0 * matmul_f32(X, centroids.T) + jnp.sum(centroids * centroids, axis=1)[None, :]
+    onehot = jax.nn.one_hot(jnp.argmin(distance, axis=1), centroids.shape[0], dtype=jnp.float32)
+    return X, onehot * valid[:, None]
 
 
-@partial(jax.jit, static_argnames=("k", "n_iter"))
-def kmeans_init(key: jax.Array, X: jax.Array, k: int, n_iter: int = KMEANS_ITERS, offset: float = KMEANS_OFFSET):
-    """k-means start (Ding et al. 2010): Lloyd's iterations on the rows of ``X``.
-
-    ``F`` holds the centroids, ``G`` the one-hot cluster indicators plus ``offset`` (0.2, as Ding
-    et al.), so that every code starts positive. Centroids start at ``k`` distinct random rows;
-    a cluster that empties keeps its previous centroid.
-    """
-    n, _ = X.shape
-    rows = jax.random.choice(key, n, (k,), replace=False)
-    centroids = X[rows].astype(jnp.float32)
-    sq_norm_rows = jnp.sum(jnp.square(X.astype(jnp.float32)), axis=1)
-
-    def assign(C):
-        distance = sq_norm_rows[:, None] - 2.0 * matmul_f32(X, C.T) + jnp.sum(C * C, axis=1)[None, :]
-        return jax.nn.one_hot(jnp.argmin(distance, axis=1), k, dtype=jnp.float32)
-
-    def lloyd(_, C):
-        onehot = assign(C)
-        counts = jnp.sum(onehot, axis=0)
-        sums = matmul_f32(X.T, onehot).T  # (k, d)
-        return jnp.where(counts[:, None] > 0, sums / jnp.maximum(counts, 1.0)[:, None], C)
-
-    centroids = lax.fori_loop(0, n_iter, lloyd, centroids)
-    G = assign(centroids) + offset
-    return centroids.T, G
+@partial(jax.jit, static_argnames=("dtype",), donate_argnames=("acc",))
+def kmeans_accumulate(X_raw, centroids, valid, acc, *, dtype):
+    """One Lloyd iteration's sums: ``(Σ rows per cluster, count per cluster)`` added to ``acc``."""
+    X, onehot = kmeans_assign(X_raw, centroids, valid, dtype=dtype)
+    sums, counts = acc
+    return sums + matmul_f32(X.T, onehot).T, counts + jnp.sum(onehot, axis=0)
 
 
-# The initializer registry: name -> in-memory start ``(key, X, k) -> (F0, G0)``. Each name also needs
-# its streamed pass in jsnmf.fit.stream.STREAMED_STARTS (checked there at import).
-INITIALIZERS = {"random": random_init, "svd": svd_init, "kmeans": kmeans_init}
+@partial(jax.jit, static_argnames=("dtype",))
+def kmeans_codes(X_raw, centroids, valid, *, dtype):
+    """Ding et al.'s k-means codes: the cluster indicator plus ``KMEANS_OFFSET`` (zero on padding)."""
+    _, onehot = kmeans_assign(X_raw, centroids, valid, dtype=dtype)
+    return (onehot + KMEANS_OFFSET) * valid[:, None]
+
+
+@partial(jax.jit, static_argnames=("dtype",), donate_argnames=("acc",))
+def gram_times(X_raw, V, acc, *, dtype):
+    """``acc + XᵀX V`` over the chunk (a step of the subspace iteration)."""
+    X = X_raw.astype(dtype)
+    return acc + matmul_f32(X.T, matmul_f32(X, V))
+
+
+@partial(jax.jit, static_argnames=("dtype",), donate_argnames=("acc",))
+def projected_gram(X_raw, V, acc, *, dtype):
+    """``acc + (XV)ᵀ(XV)`` over the chunk (the Rayleigh–Ritz matrix)."""
+    XV = matmul_f32(X_raw.astype(dtype), V)
+    return acc + XV.T @ XV
+
+
+@partial(jax.jit, static_argnames=("dtype",), donate_argnames=("acc",))
+def sign_masses(X_raw, V, acc, *, dtype):
+    """Per component of ``U S = X V``: squared and plain masses of its positive and negative parts."""
+    US = matmul_f32(X_raw.astype(dtype), V)
+    pos, neg = jnp.maximum(US, 0.0), jnp.maximum(-US, 0.0)
+    return acc + jnp.stack([jnp.sum(pos * pos, 0), jnp.sum(neg * neg, 0), jnp.sum(pos, 0), jnp.sum(neg, 0)])
+
+
+@partial(jax.jit, static_argnames=("dtype",))
+def svd_codes(X_raw, V, floor, valid, *, dtype):
+    """The SVD start's codes ``(X V)⁺ + floor`` (zero on padding)."""
+    US = matmul_f32(X_raw.astype(dtype), V)
+    return (jnp.maximum(US, 0.0) + floor) * valid[:, None]

@@ -29,32 +29,16 @@ Inside the jitted forward the vectors, alphas and position masks are traced argu
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jsnmf.layout import HOOK_SITES, hook_name, parse_hook_name
+
 MODES = ("add", "replace")
-SITES = ("hook_post", "hook_mlp_out")
-_HOOK = re.compile(r"blocks\.(\d+)\.(mlp\.hook_post|hook_mlp_out)")
-
-
-def site_hook_name(layer: int, site: str) -> str:
-    """The ecosystem name of ``site`` at ``layer``: ``blocks.{L}.mlp.hook_post`` or ``blocks.{L}.hook_mlp_out``."""
-    if site not in SITES:
-        raise ValueError(f"steering site must be one of {SITES}, got {site!r}")
-    return f"blocks.{int(layer)}.mlp.hook_post" if site == "hook_post" else f"blocks.{int(layer)}.hook_mlp_out"
-
-
-def parse_hook_name(name: str) -> tuple[int, str]:
-    """``"blocks.3.hook_mlp_out"`` → ``(3, "hook_mlp_out")``; ``"blocks.3.mlp.hook_post"`` → ``(3, "hook_post")``."""
-    match = _HOOK.fullmatch(name)
-    if not match:
-        raise ValueError(f"unknown steering hook {name!r}; expected 'blocks.{{L}}.mlp.hook_post' or "
-                         "'blocks.{L}.hook_mlp_out'")
-    return int(match[1]), match[2].removeprefix("mlp.")
+SITES = HOOK_SITES
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -97,7 +81,7 @@ class Steering:
     @property
     def hook(self) -> str:
         """The hook name of this intervention's site, e.g. ``blocks.5.mlp.hook_post``."""
-        return site_hook_name(self.layer, self.site)
+        return hook_name(self.layer, self.site)
 
 
 @jax.tree_util.register_dataclass

@@ -6,7 +6,7 @@ import pytest
 from scipy.optimize import nnls
 
 from jsnmf.kernels.fit import solve_codes
-from jsnmf.kernels.init import INITIALIZERS
+from jsnmf.fit.starts import INITIALIZERS, initial_factors
 from jsnmf.kernels.steps import (
     chunk_statistics,
     codes_step,
@@ -122,8 +122,8 @@ def test_chunked_statistics_sum_to_the_whole(problem):
 @pytest.mark.parametrize("name", sorted(INITIALIZERS))
 def test_initializers_are_seeded_shaped_and_positive(problem, name):
     X, _ = problem
-    F0, G0 = INITIALIZERS[name](jax.random.key(7), jnp.asarray(X), 5)
-    F1, G1 = INITIALIZERS[name](jax.random.key(7), jnp.asarray(X), 5)
+    F0, G0 = initial_factors(name, 7, jnp.asarray(X), 5)
+    F1, G1 = initial_factors(name, 7, jnp.asarray(X), 5)
     assert F0.shape == (60, 5) and G0.shape == (200, 5)
     assert bool((G0 > 0).all()), "initial codes must be strictly positive for the multiplicative update"
     np.testing.assert_array_equal(np.asarray(G0), np.asarray(G1))
@@ -132,7 +132,7 @@ def test_initializers_are_seeded_shaped_and_positive(problem, name):
 
 def test_svd_init_spans_the_top_singular_subspace(problem):
     X, _ = problem
-    F0, _ = INITIALIZERS["svd"](jax.random.key(0), jnp.asarray(X), 5)
+    F0, _ = initial_factors("svd", 0, jnp.asarray(X), 5)
     V = np.linalg.svd(X.astype(np.float64), full_matrices=False)[2][:5].T
     # Principal angles between the subspaces are ~0: the projection of F0 onto span(V) keeps its norm.
     F0 = np.asarray(F0, np.float64)
@@ -142,7 +142,7 @@ def test_svd_init_spans_the_top_singular_subspace(problem):
 
 def test_kmeans_init_codes_are_one_hot_plus_offset(problem):
     X, _ = problem
-    F0, G0 = INITIALIZERS["kmeans"](jax.random.key(0), jnp.asarray(X), 5)
+    F0, G0 = initial_factors("kmeans", 0, jnp.asarray(X), 5)
     G0 = np.asarray(G0)
     assert np.allclose(np.sort(G0, axis=1)[:, :-1], 0.2)
     assert np.allclose(G0.max(axis=1), 1.2)

@@ -1,5 +1,6 @@
 """The compiled per-chunk steps of a streamed fit (:mod:`jsnmf.fit.stream`): the codes pass and the
-initializers' passes (random, k-means, SVD), each compiled once per chunk shape.
+random start's chunk, each compiled once per chunk shape (the k-means and SVD starts' per-chunk
+steps are in :mod:`jsnmf.kernels.init`).
 
 Every step takes a chunk of ``X`` in its stored precision (``X_raw``) and casts it to the compute
 ``dtype`` on the device; accumulating steps donate their accumulator.
@@ -13,8 +14,8 @@ import jax
 import jax.numpy as jnp
 
 from jsnmf.kernels.fit import SolverConfig
-from jsnmf.kernels.init import KMEANS_OFFSET, random_codes
-from jsnmf.kernels.steps import chunk_statistics, codes_step, features_step, loss_from_statistics, matmul_f32
+from jsnmf.kernels.init import random_codes
+from jsnmf.kernels.steps import chunk_statistics, codes_step, features_step, loss_from_statistics
 
 
 def valid_rows(chunk_rows: int, valid: jax.Array) -> jax.Array:
@@ -52,53 +53,3 @@ def codes_chunk(X_raw, G, F, Q, scale, acc, *, config: SolverConfig, dtype):
 @jax.jit
 def loss(sq_norm_X, stats, Q):
     return loss_from_statistics(sq_norm_X, stats, Q)
-
-
-# k-means (Ding et al.'s start), streamed: each Lloyd iteration is a pass.
-@partial(jax.jit, static_argnames=("dtype",))
-def kmeans_assign(X_raw, centroids, valid, *, dtype):
-    X = X_raw.astype(dtype)
-    sq_rows = jnp.sum(jnp.square(X.astype(jnp.float32)), axis=1)
-    distance = sq_rows[:, None] - 2.0 * matmul_f32(X, centroids.T) + jnp.sum(centroids * centroids, axis=1)[None, :]
-    onehot = jax.nn.one_hot(jnp.argmin(distance, axis=1), centroids.shape[0], dtype=jnp.float32)
-    return X, onehot * valid[:, None]
-
-
-@partial(jax.jit, static_argnames=("dtype",), donate_argnames=("acc",))
-def kmeans_accumulate(X_raw, centroids, valid, acc, *, dtype):
-    X, onehot = kmeans_assign(X_raw, centroids, valid, dtype=dtype)
-    sums, counts = acc
-    return sums + matmul_f32(X.T, onehot).T, counts + jnp.sum(onehot, axis=0)
-
-
-@partial(jax.jit, static_argnames=("dtype",))
-def kmeans_codes(X_raw, centroids, valid, *, dtype):
-    _, onehot = kmeans_assign(X_raw, centroids, valid, dtype=dtype)
-    return (onehot + KMEANS_OFFSET) * valid[:, None]
-
-
-# SVD start, streamed: subspace iteration on XᵀX, Rayleigh–Ritz, then Ding et al.'s sign rule.
-@partial(jax.jit, static_argnames=("dtype",), donate_argnames=("acc",))
-def gram_times(X_raw, V, acc, *, dtype):
-    X = X_raw.astype(dtype)
-    XV = matmul_f32(X, V)
-    return acc + matmul_f32(X.T, XV)
-
-
-@partial(jax.jit, static_argnames=("dtype",), donate_argnames=("acc",))
-def projected_gram(X_raw, V, acc, *, dtype):
-    XV = matmul_f32(X_raw.astype(dtype), V)
-    return acc + XV.T @ XV
-
-
-@partial(jax.jit, static_argnames=("dtype",), donate_argnames=("acc",))
-def sign_masses(X_raw, V, acc, *, dtype):
-    US = matmul_f32(X_raw.astype(dtype), V)
-    pos, neg = jnp.maximum(US, 0.0), jnp.maximum(-US, 0.0)
-    return acc + jnp.stack([jnp.sum(pos * pos, 0), jnp.sum(neg * neg, 0), jnp.sum(pos, 0), jnp.sum(neg, 0)])
-
-
-@partial(jax.jit, static_argnames=("dtype",))
-def svd_codes(X_raw, V, floor, valid, *, dtype):
-    US = matmul_f32(X_raw.astype(dtype), V)
-    return (jnp.maximum(US, 0.0) + floor) * valid[:, None]

@@ -33,11 +33,9 @@ streams its own chunks (its share of a store, or its own rows of an array), writ
 and the passes take as many steps as the longest share (a process with fewer chunks adds zero
 chunks). The iterates are those of the single-device fit up to float rounding.
 
-Initializations: ``"random"`` draws exactly the in-memory ``G0`` chunk by chunk (each value from its
-own Threefry counter, :func:`~jsnmf.kernels.init.random_codes`); ``"kmeans"`` is the in-memory algorithm with
-each Lloyd iteration a pass over the chunks; ``"svd"`` is a streamed randomized subspace iteration
-on ``XᵀX`` with a Rayleigh–Ritz step (the same rank-k subspace as the in-memory range finder up to
-its approximation, not the same numbers); ``(F0, G0)`` reads ``G0`` (array or memmap) by chunks.
+Initializations are the passes of :mod:`jsnmf.fit.starts` over this backend's chunks (the backend
+is their :class:`~jsnmf.fit.starts.Rows`), so a streamed start is the in-memory start up to the
+order of float sums; ``(F0, G0)`` reads ``G0`` (array or memmap) by chunks.
 """
 
 from __future__ import annotations
@@ -59,11 +57,10 @@ from jsnmf.io.hostbuffers import BufferPool
 from jsnmf.io.prefetch import Chunk, Placement, stream_chunks
 from jsnmf.io.sources import StreamPlan
 from jsnmf.kernels.fit import SolverConfig, stopping_update
-from jsnmf.kernels.init import (CODES_FLOOR, INITIALIZERS, KMEANS_ITERS, SVD_OVERSAMPLE, SVD_POWER_ITERS,
-                                random_keys)
+from jsnmf.fit.starts import INITIALIZERS
 from jsnmf.kernels.steps import Statistics
 
-__all__ = ["StreamedFit", "StreamState", "STREAMED_STARTS"]
+__all__ = ["StreamedFit", "StreamState"]
 
 # -- where the chunks go --------------------------------------------------------------------------
 
@@ -152,70 +149,21 @@ class StreamedFit:
         """A function of a chunk giving its initial codes on the device (None: read from ``init`` arrays)."""
         if not isinstance(self.init, str):
             return None
-        if self.init not in STREAMED_STARTS:
-            raise ValueError(f"unknown init {self.init!r} for a streamed fit; expected one of "
-                             f"{tuple(STREAMED_STARTS)} or (F0, G0)")
-        return STREAMED_STARTS[self.init](self, jax.random.key(self.seed))
+        return INITIALIZERS[self.init](jax.random.key(self.seed), self, self.k).codes
 
-    def _random_start(self, key) -> Callable[[Chunk], jax.Array]:
-        k = self.k
-        _, key_G = random_keys(key)
-        rows, placement = self.plan.chunk_rows, self.placement
+    # -- the Rows an initializer passes over (jsnmf.fit.starts.Rows)
 
-        def random_chunk(c: Chunk) -> jax.Array:
-            # Drawn by global token index: the same codes whatever the chunks and processes.
-            G = steps.random_chunk(key_G, jnp.int32(self.offset + c.start), jnp.int32(c.stop - c.start),
-                              chunk_rows=rows, k=k)
-            return G if placement.layout is None else placement.put(np.asarray(G))
+    def replicate(self, value) -> jax.Array:
+        return self.placement.replicate(value)
 
-        return random_chunk
+    def random_codes(self, key_G, c: Chunk, k: int) -> jax.Array:
+        # Drawn by global token index: the same codes whatever the chunks and processes.
+        G = steps.random_chunk(key_G, jnp.int32(self.offset + c.start), jnp.int32(c.stop - c.start),
+                               chunk_rows=self.plan.chunk_rows, k=k)
+        return G if self.placement.layout is None else self.placement.put(np.asarray(G))
 
-    def _kmeans_start(self, key) -> Callable[[Chunk], jax.Array]:
-        centroids, dtype = self._kmeans_centroids(key), self.dtype
-        return lambda c: steps.kmeans_codes(c.X, centroids, c.valid, dtype=dtype)
-
-    def _svd_start(self, key) -> Callable[[Chunk], jax.Array]:
-        (V, floor), dtype = self._svd_directions(key), self.dtype
-        return lambda c: steps.svd_codes(c.X, V, floor, c.valid, dtype=dtype)
-
-    def _kmeans_centroids(self, key) -> jax.Array:
-        rows = np.asarray(jax.random.choice(key, self.n, (self.k,), replace=False))
-        seeds = self.sample_rows(rows)
-        centroids = self.placement.replicate(np.asarray(jnp.asarray(seeds, self.dtype).astype(jnp.float32)))
-        for it in range(KMEANS_ITERS):
-            self._status(f"init k-means {it + 1}/{KMEANS_ITERS}")
-            acc = self.placement.replicate(np.zeros((self.k, self.d), np.float32)), \
-                self.placement.replicate(np.zeros((self.k,), np.float32))
-            for c in self.chunks("kmeans"):
-                acc = jax.block_until_ready(steps.kmeans_accumulate(c.X, centroids, c.valid, acc, dtype=self.dtype))
-            sums, counts = acc
-            centroids = jnp.where(counts[:, None] > 0, sums / jnp.maximum(counts, 1.0)[:, None], centroids)
-        return centroids
-
-    def _svd_directions(self, key) -> tuple[jax.Array, jax.Array]:
-        width = min(self.k + SVD_OVERSAMPLE, self.n, self.d)
-        V = self.placement.replicate(np.asarray(jax.random.normal(key, (self.d, width), jnp.float32)))
-        for it in range(SVD_POWER_ITERS + 1):
-            self._status(f"init svd {it + 1}/{SVD_POWER_ITERS + 3}")
-            Z = self.placement.replicate(np.zeros((self.d, width), np.float32))
-            for c in self.chunks("svd power"):
-                Z = jax.block_until_ready(steps.gram_times(c.X, V, Z, dtype=self.dtype))
-            V, _ = jnp.linalg.qr(Z)
-        self._status(f"init svd {SVD_POWER_ITERS + 2}/{SVD_POWER_ITERS + 3}")
-        H = self.placement.replicate(np.zeros((width, width), np.float32))
-        for c in self.chunks("svd ritz"):
-            H = jax.block_until_ready(steps.projected_gram(c.X, V, H, dtype=self.dtype))
-        _, W = jnp.linalg.eigh(H)  # ascending; the top k Ritz vectors are the last columns
-        V = V @ W[:, ::-1][:, : self.k]
-        self._status(f"init svd {SVD_POWER_ITERS + 3}/{SVD_POWER_ITERS + 3}")
-        masses = self.placement.replicate(np.zeros((4, self.k), np.float32))
-        for c in self.chunks("svd signs"):
-            masses = jax.block_until_ready(steps.sign_masses(c.X, V, masses, dtype=self.dtype))
-        pos_sq, neg_sq, pos_sum, neg_sum = masses
-        sign = jnp.where(pos_sq >= neg_sq, 1.0, -1.0)
-        mean_G = jnp.sum(jnp.where(sign > 0, pos_sum, neg_sum)) / (self.n * self.k)
-        floor = jnp.maximum(1e-3 * mean_G, CODES_FLOOR)
-        return V * sign[None, :], floor
+    def status(self, text: str) -> None:
+        self._status(text)
 
     def _initial_arrays(self):
         from jsnmf.fit.starts import check_initial_pair
@@ -378,10 +326,6 @@ class StreamedFit:
         for buffer in self._buffers:
             buffer.close()
 
-
-STREAMED_STARTS = {"random": StreamedFit._random_start, "kmeans": StreamedFit._kmeans_start,
-                   "svd": StreamedFit._svd_start}
-assert set(STREAMED_STARTS) == set(INITIALIZERS), "every initializer needs its streamed pass"
 
 _stopping = jax.jit(stopping_update)
 
