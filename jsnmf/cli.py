@@ -166,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_extract_options(p)
     _add_fit_options(p, rank_help=" (100, the paper's; the demo: 16)")
     _add_report_options(p)
+
+    from jsnmf.cli_evaluate import add_parsers  # evaluate, steer (their own module)
+    add_parsers(sub, quiet)
     return parser
 
 
@@ -410,7 +413,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_:  # argparse already printed "jsnmf: error: ..." and the usage
         return int(exit_.code or 0)
     try:
-        return _COMMANDS[args.command](args)
+        return getattr(args, "handler", _COMMANDS.get(args.command))(args)
     except (ValueError, FileNotFoundError, NotADirectoryError) as err:
         print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
         return 2
