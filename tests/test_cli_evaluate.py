@@ -96,3 +96,23 @@ def test_bad_input_is_one_error_line(demo_run, tmp_path, capsys):
     code, _, err = run_cli(capsys, "evaluate", "--run", demo_run, "--corpus", corpus, "--layers", "1",
                            "--judge", demo_run / "demo-model")
     assert_user_error(code, err, "self-judging")
+
+
+def test_report_shows_the_evaluation(demo_run, evaluated, capsys):
+    data = json.loads((demo_run / "evaluation.json").read_text())  # the last evaluate run's file
+    code, _, err = run_cli(capsys, "report", "--run", demo_run, "--layers", "1", "--no-vocab")
+    assert code == 0, err
+    page = (demo_run / "report" / "layer_01" / "report.html").read_text()
+    layer = data["layers"]["1"]
+    assert "Concept detection (max-token cosine)" in page and "Steering at matched KL" in page
+    assert f"matched-vs-mismatched AUROC {data['judge']['validation']['auroc']:.3f}" in page
+    for method in ("SNMF", "DiffMeans"):
+        assert f"<b>{layer['detection'][method]['mean_auroc']:.3f}</b>" in page
+        for entry in layer["detection"][method]["per_concept"].values():
+            assert f"{entry['auroc']:.3f}" in page
+    for concept, cell in layer["steering"]["SNMF"].items():
+        for t in cell["targets"]:
+            assert f"{t['alpha']:.3g}" in page and f"{t['score']:.2f}" in page
+    records = json.loads((demo_run / "report" / "layer_01" / "features.json").read_text())["features"]
+    for concept, cell in layer["steering"]["SNMF"].items():
+        assert concept in [s["concept"] for s in records[cell["feature"]]["steering"]]
