@@ -76,6 +76,9 @@ def add_parsers(sub, parents) -> None:
     p.add_argument("--steer-concepts", type=positive_int, default=None,
                    help="steer only the first N concepts (sorted labels; default all)")
     p.add_argument("--sae", action="store_true", help="also train and score a TopK SAE baseline")
+    p.add_argument("--hierarchy", type=layer_list, default=None, metavar="RANKS",
+                   help="also fit a hierarchical SNMF of the corpus' tokens with these decreasing ranks (e.g. 12,4) "
+                        "and export its concept tree")
     p.add_argument("--rank", type=positive_int, default=None,
                    help="rank of layers fitted here with the paper's preset (the preset's: 100)")
     p.set_defaults(handler=cmd_evaluate)
@@ -225,7 +228,8 @@ def cmd_evaluate(args) -> int:
     judge = _judge(args, model_path, texts, labels)
     settings = EvaluationSettings(kl_targets=tuple(args.kl_targets), n_samples=args.n_samples,
                                   max_new_tokens=args.max_new_tokens, prompt=args.prompt or PAPER_PROMPT,
-                                  steer_concepts=args.steer_concepts, sae=args.sae, seed=args.seed)
+                                  steer_concepts=args.steer_concepts, sae=args.sae, seed=args.seed,
+                                  hierarchy=tuple(args.hierarchy) if args.hierarchy else None)
     _say(f"evaluating layers {', '.join(map(str, fitted))} on {len(texts)} sentences of "
          f"{len({n for lab in labels if lab for n in lab.split('+')})} concepts")
     result = evaluate(model, tokenizer, fitted, texts, labels, judge=judge, settings=settings, progress=progress)

@@ -24,7 +24,7 @@ def demo_run(tmp_path_factory):
 def evaluated(demo_run):
     code = main(["--quiet", "evaluate", "--run", str(demo_run), "--corpus", str(demo.demo_corpus_path()),
                  "--layers", "1", "--kl-targets", "0.05", "2.0", "--n-samples", "2", "--max-new-tokens", "8",
-                 "--steer-concepts", "3"])
+                 "--steer-concepts", "3", "--hierarchy", "12,4"])
     assert code == 0
     return json.loads((demo_run / "evaluation.json").read_text())
 
@@ -47,6 +47,9 @@ def test_evaluate_detects_the_planted_concepts_and_steers_to_them(evaluated):
         words = " ".join(high["samples"]).split()
         assert sum(w in demo.CONCEPTS[concept] for w in words) >= 0.8 * len(words), (concept, high["samples"])
         assert high["score"] >= 0.8 and high["score"] > low["score"]
+    tree = layer["hierarchy"]
+    assert tree["ranks"] == [12, 4] and len(tree["levels"][1]["nodes"]) == 4
+    assert all(node["parent"] and node["top_tokens"] for node in tree["levels"][0]["nodes"])
     fits = data["fits"]["1"]
     assert fits["params"]["init"] == demo.DEMO_INIT and "init" in fits["differs_from_paper_preset"]
 
@@ -99,12 +102,14 @@ def test_bad_input_is_one_error_line(demo_run, tmp_path, capsys):
 
 
 def test_report_shows_the_evaluation(demo_run, evaluated, capsys):
-    data = json.loads((demo_run / "evaluation.json").read_text())  # the last evaluate run's file
+    (demo_run / "evaluation.json").write_text(json.dumps(evaluated))  # the fixture's (with its concept tree)
+    data = evaluated
     code, _, err = run_cli(capsys, "report", "--run", demo_run, "--layers", "1", "--no-vocab")
     assert code == 0, err
     page = (demo_run / "report" / "layer_01" / "report.html").read_text()
     layer = data["layers"]["1"]
     assert "Concept detection (max-token cosine)" in page and "Steering at matched KL" in page
+    assert "Concept tree" in page and all(n["id"] in page for n in layer["hierarchy"]["levels"][1]["nodes"])
     assert f"matched-vs-mismatched AUROC {data['judge']['validation']['auroc']:.3f}" in page
     for method in ("SNMF", "DiffMeans"):
         assert f"<b>{layer['detection'][method]['mean_auroc']:.3f}</b>" in page

@@ -47,7 +47,9 @@ class EvaluationSettings:
     """What :func:`evaluate` runs: KL targets, samples per reached target and their length, the prompt,
     how many concepts to steer (``None``: every concept; the same first ones for every method), the
     optional TopK SAE (width ``sae_multiple`` × the SNMF rank, ``sae_k`` active latents), the top tokens
-    used for matching, and the seed."""
+    used for matching, the seed, and ``hierarchy``: the ranks of a hierarchical SNMF of the corpus'
+    ``hook_post`` tokens (``fit_hierarchy``; the first level at the run's sparsity), exported as the
+    layer's concept tree (``"hierarchy"``, ``Hierarchy.to_dict`` with each node's top tokens)."""
 
     kl_targets: tuple[float, ...] = DEFAULT_KL_TARGETS
     n_samples: int = 4
@@ -60,6 +62,7 @@ class EvaluationSettings:
     sae_epochs: int = 100
     k_top: int = 25
     seed: int = 0
+    hierarchy: tuple[int, ...] | None = None
 
 
 @dataclasses.dataclass
@@ -219,6 +222,17 @@ class ConceptOnlyScale:
         return {"concept": c, "fluency": np.full_like(c, np.nan), "score": c}
 
 
+def _concept_tree(snmf, post, sequences, skip: int, tokenizer, settings: EvaluationSettings) -> dict:
+    from .hierarchy import fit_hierarchy
+
+    ranks = tuple(settings.hierarchy)
+    tree = fit_hierarchy(np.concatenate(post), ranks, sparsity=[snmf.sparsity] + [None] * (len(ranks) - 1),
+                         init=snmf.init if isinstance(snmf.init, str) else "random", seed=settings.seed)
+    ids = np.concatenate([seq[skip:] for seq in sequences])
+    names = {int(i): tokenizer.decode([int(i)]) for i in np.unique(ids)}
+    return tree.to_dict([names[int(i)] for i in ids], k_top=5)
+
+
 def evaluate(model, tokenizer, fitted: dict, texts: Sequence[str], labels: Sequence[str | None], *,
              judge: Judge | None = None, settings: EvaluationSettings = EvaluationSettings(),
              progress: bool = False) -> dict:
@@ -246,6 +260,8 @@ def evaluate(model, tokenizer, fitted: dict, texts: Sequence[str], labels: Seque
         layer_result = {"rank": int(snmf.features_.shape[1]), "sae": sae_info,
                         "detection": {name: _detection(m, labels, concepts) for name, m in methods.items()},
                         "steering": {name: {} for name in methods}}
+        if settings.hierarchy:
+            layer_result["hierarchy"] = _concept_tree(snmf, post, sequences, skip, tokenizer, settings)
         cells = [(name, c) for name in methods for c in steered]
         for name, concept in tqdm(cells, desc=f"steer layer {layer}", disable=not progress, leave=False):
             cell = _steer_concept(model, tokenizer, layer, methods[name], concept, judge, scale, model_fluency,
