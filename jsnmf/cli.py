@@ -26,6 +26,7 @@ from jsnmf.dtypes import DTYPES
 from jsnmf.fit.starts import INITIALIZERS
 from jsnmf.kernels.solvers import get_solver, solver_names
 from jsnmf.layout import RunLayout
+from jsnmf.presets import PRESETS
 
 __all__ = ["main", "build_parser"]
 
@@ -92,11 +93,18 @@ def _add_extract_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=positive_int, default=16, help="documents per forward pass (16)")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
                    help="precision of the stored activations (float32)")
-    p.add_argument("--keep-bos", action="store_true", help="keep the BOS token's activations (dropped by default)")
+    p.add_argument("--bos", action=argparse.BooleanOptionalAction, default=True,
+                   help="start every document with the model's BOS, as the paper does for every family (default); "
+                        "--no-bos: no BOS at all (the tokenizer's own is removed)")
+    p.add_argument("--keep-bos", action="store_true",
+                   help="keep the BOS token's activations in X (dropped by default, like the padding)")
 
 
 def _add_fit_options(p: argparse.ArgumentParser, rank_help: str) -> None:
     p.add_argument("--rank", type=positive_int, default=None, help=f"number of features k{rank_help}")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="start from a named set of hyperparameters (paper: the paper's fit, see jsnmf.presets); "
+                        "the options below override it")
     p.add_argument("--solver", choices=solver_names(), default=None,
                    help="codes solver (mu, the paper's): " + "; ".join(f"{s}: {get_solver(s).summary}"
                                                                          for s in solver_names()))
@@ -139,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fit", parents=[quiet], help="fit SNMF to the stored activations of each layer")
     p.add_argument("--store", required=True, help="activation store directory (RUN/store)")
     p.add_argument("--layers", type=layer_list, default=None, help="layers to fit (all in the store)")
-    _add_fit_options(p, rank_help=" (required)")
+    _add_fit_options(p, rank_help=" (required unless --preset)")
     p.add_argument("--resume", action="store_true",
                    help="continue interrupted fits from their checkpoints; keep layers already fitted")
 
@@ -158,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_extract_options(p)
     _add_fit_options(p, rank_help=" (100, the paper's; the demo: 16)")
     _add_report_options(p)
+
+    from jsnmf.cli_evaluate import add_parsers  # evaluate, steer (their own module)
+    add_parsers(sub, quiet)
     return parser
 
 
@@ -174,14 +185,20 @@ def step_extract(model: str, corpus: str, run_dir: Path, layers: list[int], args
 
     if not Path(corpus).expanduser().is_file():
         raise FileNotFoundError(f"corpus file not found: {corpus}")
+    if args.keep_bos and not args.bos:
+        raise UserError("--keep-bos keeps the BOS token's activations, but --no-bos leaves the BOS out: "
+                        "use one or the other")
     _say(f"extracting layers {','.join(map(str, layers))} of {model} on {corpus}")
     return extract(model, corpus, RunLayout.of(run_dir).store, layers=layers, max_length=args.max_length,
-                   batch_size=args.batch_size, dtype=args.dtype, drop_bos=not args.keep_bos, progress=progress)
+                   batch_size=args.batch_size, dtype=args.dtype, add_bos=args.bos, drop_bos=not args.keep_bos,
+                   progress=progress)
 
 
 def fit_settings(args, defaults: dict | None = None) -> dict:
     """SNMF keyword arguments from the options the user set (the estimator's defaults otherwise)."""
     settings = dict(defaults or {})
+    if getattr(args, "preset", None):
+        settings = {k: v for k, v in PRESETS[args.preset].params().items() if k != "rank"}
     for name in ("solver", "sparsity", "max_iter", "init", "seed", "tol", "patience"):
         value = getattr(args, name, None)
         if value is not None:
@@ -275,11 +292,12 @@ def _open_store(path):
 
 
 def cmd_fit(args) -> int:
-    if args.rank is None:
-        raise UserError("fit needs --rank (the number of features)")
+    if args.rank is None and args.preset is None:
+        raise UserError("fit needs --rank (the number of features) or --preset")
+    rank = args.rank if args.rank is not None else PRESETS[args.preset].settings["rank"]
     store = _open_store(args.store)
     snmf_dir = RunLayout.of_store(store.path).snmf
-    step_fit(store, args.layers, args.rank, fit_settings(args), snmf_dir, not args.quiet, resume=args.resume,
+    step_fit(store, args.layers, rank, fit_settings(args), snmf_dir, not args.quiet, resume=args.resume,
              checkpoint_every=args.checkpoint_every)
     _say(f"checkpoints: {snmf_dir}")
     return 0
@@ -398,7 +416,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_:  # argparse already printed "jsnmf: error: ..." and the usage
         return int(exit_.code or 0)
     try:
-        return _COMMANDS[args.command](args)
+        return getattr(args, "handler", _COMMANDS.get(args.command))(args)
     except (ValueError, FileNotFoundError, NotADirectoryError) as err:
         print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
         return 2

@@ -110,6 +110,14 @@ class SNMF:
         changes nothing)."""
         return {name: getattr(self, name) for name in self._param_names()}
 
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "SNMF":
+        """An SNMF with a named preset's hyperparameters (:mod:`jsnmf.presets`; ``"paper"``: the paper's
+        fit), ``overrides`` on top, e.g. ``SNMF.from_preset("paper", rank=50)``."""
+        from jsnmf.presets import get_preset
+
+        return cls(**get_preset(name).params(**overrides))
+
     def set_params(self, **params) -> "SNMF":
         """Change constructor settings, as scikit-learn's ``set_params``; checked like the constructor's."""
         unknown = sorted(set(params) - set(self._param_names()))

@@ -1,8 +1,8 @@
 """Extract MLP activations (``blocks.{L}.mlp.hook_post``) of a corpus into an ActivationStore.
 
 One forward pass captures every requested layer (it stops after the last one). Documents are
-tokenized with the model's own tokenizer (BOS where the tokenizer adds it; ``add_bos`` overrides),
-truncated to ``max_length``, batched in document order (``batch_size`` documents per batch), right
+tokenized with the model's own tokenizer, the BOS prepended as the paper does for every family
+(TransformerLens' ``prepend_bos``; ``add_bos`` changes that), truncated to ``max_length``, batched in document order (``batch_size`` documents per batch), right
 padded to a bucketed length (powers of two from 8, capped at the corpus's longest sequence) so the
 jit-compiled forward compiles only a handful of times, and the activations of real tokens (no padding; no BOS unless
 ``drop_bos=False``) are appended to the store in document order.
@@ -62,7 +62,7 @@ def extract(
     batch_size: int = 16,
     dtype: str = "float32",
     drop_bos: bool = True,
-    add_bos: bool | None = None,
+    add_bos: bool | None = True,
     chunk_tokens: int = STORE_CHUNK_TOKENS,
     compute_dtype: str = "float32",
     resume: bool = True,
@@ -72,9 +72,12 @@ def extract(
 
     ``dtype``: the store dtype ("float32", "float16", "bfloat16"). ``compute_dtype``: the dtype of
     the model's parameters and forward pass ("float32" or "bfloat16").
-    ``drop_bos``: leave out the BOS token's activations (an attention-sink outlier) when a BOS is
-    there. ``add_bos``: None follows the tokenizer (Gemma/Llama add BOS, GPT-2 does not); True
-    prepends the model's BOS when the tokenizer does not; False removes the BOS the tokenizer adds.
+    ``add_bos``: True (the paper's way, default) starts every document with the model's BOS, whether
+    or not its tokenizer adds one (Gemma/Llama tokenizers do, GPT-2's does not); None follows the
+    tokenizer; False removes the BOS the tokenizer adds. ``drop_bos``: leave the BOS token's
+    activations out of ``X`` (an attention-sink outlier, the same in every document) when a BOS is
+    there. Padding never reaches ``X``. The manifest's ``"bos"`` entry records what was prepended and
+    what was dropped.
     ``resume``: continue an interrupted extraction in ``out_dir`` (a store of a different corpus,
     model or settings is refused); with False an existing store in ``out_dir`` is replaced.
     Returns the finished store.
@@ -105,7 +108,7 @@ def extract(
                     plan.n_truncated, len(corpus), max_length)
 
     meta = _manifest_meta(model_path_or_id, model_dir, config, tokenizer, corpus, bos, plan, layers, dtype,
-                          compute_dtype, max_length, batch_size, drop_bos, chunk_tokens)
+                          compute_dtype, max_length, batch_size, drop_bos, chunk_tokens, add_bos)
     writer = _open_writer(out_dir, meta, corpus, layers, config.d_mlp, dtype, chunk_tokens, resume)
     if writer is None:  # the store in out_dir is already complete
         return ActivationStore.open(out_dir)
@@ -156,7 +159,8 @@ def _bos_policy(tokenizer, config, add_bos: bool | None) -> _BosPolicy:
     without = tokenizer("a", add_special_tokens=False)["input_ids"]
     adds = bos_id is not None and len(with_special) > len(without) and with_special[0] == bos_id
     if add_bos and bos_id is None:
-        raise ValueError("add_bos=True but neither the tokenizer nor the model config defines a BOS token")
+        raise ValueError("add_bos=True (the default: BOS prepended as the paper does) but neither the tokenizer "
+                         "nor the model config defines a BOS token; pass add_bos=None (CLI: --no-bos)")
     present = adds if add_bos is None else bool(add_bos)
     return _BosPolicy(token_id=None if bos_id is None else int(bos_id), tokenizer_adds=adds, present=present)
 
@@ -288,8 +292,24 @@ def _file_sha256(path: Path) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
 
 
+def _bos_record(bos: _BosPolicy, add_bos: bool | None, plan: _Plan) -> dict:
+    """What was done about BOS, in words a reader of the manifest needs: the policy asked for, whether
+    jsnmf prepended a BOS or removed the tokenizer's, and what was dropped from ``X``."""
+    policy = {True: "prepend", None: "tokenizer", False: "none"}[None if add_bos is None else bool(add_bos)]
+    return {
+        "policy": policy,
+        "token_id": bos.token_id,
+        "tokenizer_adds": bos.tokenizer_adds,
+        "prepended": bos.present and not bos.tokenizer_adds,
+        "removed": bos.tokenizer_adds and not bos.present,
+        "present": bos.present,
+        "dropped_from_x": plan.bos_dropped,
+        "padding_dropped_from_x": True,
+    }
+
+
 def _manifest_meta(model_path_or_id, model_dir: Path, config, tokenizer, corpus, bos, plan, layers, dtype,
-                   compute_dtype, max_length, batch_size, drop_bos, chunk_tokens) -> dict:
+                   compute_dtype, max_length, batch_size, drop_bos, chunk_tokens, add_bos=None) -> dict:
     model_dir = Path(model_dir).resolve()
     name_or_path = getattr(tokenizer, "name_or_path", None)
     tokenizer_dir = Path(name_or_path).resolve() if name_or_path and Path(name_or_path).is_dir() else model_dir
@@ -323,6 +343,7 @@ def _manifest_meta(model_path_or_id, model_dir: Path, config, tokenizer, corpus,
         "bos_present": bos.present,
         "drop_bos": drop_bos,
         "bos_dropped": plan.bos_dropped,
+        "bos": _bos_record(bos, add_bos, plan),
         "n_tokens_expected": plan.n_tokens,
         "n_truncated_documents": plan.n_truncated,
         "resume_identity": identity,

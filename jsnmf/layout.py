@@ -7,6 +7,7 @@ A run folder (``jsnmf run``; ``jsnmf extract/fit/report`` step by step) holds::
     snmf/layer_{L:02d}.fitting/     its fit checkpoints while it runs (removed once saved)
     report/index.html               the report (jsnmf.report)
     report/layer_{L:02d}/           report.html, features.json, loss.png, codes.png
+    evaluation.json                 ``jsnmf evaluate``: detection and steering (jsnmf.evaluation.run)
 """
 
 from __future__ import annotations
@@ -71,6 +72,10 @@ class RunLayout:
     @property
     def report(self) -> Path:
         return self.root / "report"
+
+    @property
+    def evaluation(self) -> Path:
+        return self.root / "evaluation.json"
 
     def fitted(self, layer: int, snmf_dir: Path | None = None) -> Path:
         """The saved SNMF of ``layer``."""

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from jsnmf import demo
@@ -205,3 +206,30 @@ def test_fit_killed_and_resumed_from_the_command_line(capsys, extracted, tmp_pat
 
     code, out, err = run_cli(capsys, "fit", "--store", store, *options, "--resume")
     assert code == 0 and "already fitted" in out, err
+
+
+def test_bos_switch_on_a_gpt2_model(capsys, extracted, model_dir, small_corpus, tmp_path):
+    # default (the paper's): BOS prepended to every document, then dropped from X with the padding
+    from jsnmf.store import ActivationStore
+
+    default = ActivationStore.open(extracted / "store")
+    bos = default.manifest["bos"]
+    assert bos["policy"] == "prepend" and bos["prepended"] and bos["dropped_from_x"] and bos["padding_dropped_from_x"]
+    assert default.positions.min() == 1 and bos["token_id"] not in default.token_ids
+    # --keep-bos now keeps it, also on GPT-2 whose tokenizer adds none (it silently did nothing before)
+    code, _, err = run_cli(capsys, "extract", "--model", model_dir, "--corpus", small_corpus, "--layers", "0",
+                           "--out", tmp_path / "kept", "--keep-bos")
+    assert code == 0, err
+    kept = ActivationStore.open(tmp_path / "kept" / "store")
+    assert kept.n_tokens == default.n_tokens + 60 and not kept.manifest["bos"]["dropped_from_x"]
+    assert (kept.token_ids[kept.positions == 0] == bos["token_id"]).all()
+    code, _, err = run_cli(capsys, "extract", "--model", model_dir, "--corpus", small_corpus, "--layers", "0",
+                           "--out", tmp_path / "none", "--no-bos")
+    assert code == 0, err
+    none = ActivationStore.open(tmp_path / "none" / "store")
+    assert none.manifest["bos"]["policy"] == "none" and not none.manifest["bos"]["present"]
+    assert none.n_tokens == default.n_tokens and bos["token_id"] not in none.token_ids
+    assert not np.array_equal(none.layer_array(0), default.layer_array(0))  # BOS changes what the model reads
+    code, _, err = run_cli(capsys, "extract", "--model", model_dir, "--corpus", small_corpus, "--layers", "0",
+                           "--out", tmp_path / "both", "--no-bos", "--keep-bos")
+    assert_user_error(code, err, "--keep-bos", "--no-bos")

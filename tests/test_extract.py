@@ -128,7 +128,7 @@ def read_all(store: ActivationStore) -> dict[int, np.ndarray]:
 
 def test_extraction_equals_direct_forward_pass(checkpoints, corpus_file, tmp_path):
     store = extract(checkpoints["plain"], corpus_file, tmp_path / "s", layers=LAYERS, max_length=32,
-                    batch_size=4, chunk_tokens=20, progress=False)
+                    batch_size=4, chunk_tokens=20, add_bos=None, progress=False)  # as the tokenizer: no BOS
     records = json.loads(corpus_file.read_text())
     texts, labels = [r["prompt"] for r in records], [r["label"] for r in records]
     expected_acts, expected_columns = reference(checkpoints, checkpoints["plain"], texts, labels, 32, keep_from=0)
@@ -144,6 +144,9 @@ def test_extraction_equals_direct_forward_pass(checkpoints, corpus_file, tmp_pat
     m = store.manifest
     assert m["model_type"] == "gpt2" and m["hook_names"] == ["blocks.0.mlp.hook_post", "blocks.1.mlp.hook_post"]
     assert m["bos_present"] is False and m["bos_dropped"] is False and m["tokenizer"]["adds_bos"] is False
+    assert m["bos"] == {"policy": "tokenizer", "token_id": m["bos"]["token_id"], "tokenizer_adds": False,
+                        "prepended": False, "removed": False, "present": False, "dropped_from_x": False,
+                        "padding_dropped_from_x": True}
     assert m["n_truncated_documents"] == 1 and m["max_length"] == 32
     assert m["corpus"]["sha256"] and m["corpus"]["path"] == str(corpus_file.resolve())
     assert store.tokenizer_path == str(checkpoints["plain"].resolve())
@@ -169,10 +172,14 @@ def test_bos_is_dropped_by_default_and_kept_on_request(checkpoints, corpus_file,
     np.testing.assert_allclose(kept.layer_array(1), expected_acts[1], rtol=1e-4, atol=2e-5)
     np.testing.assert_array_equal(kept.positions, expected_columns["positions"])
 
-    # add_bos=True on the BOS-less tokenizer gives the same tokens and activations.
+    # The default (the paper's: BOS prepended for every family, then dropped) on the BOS-less tokenizer
+    # gives the same tokens and activations as the tokenizer that adds BOS itself.
     added = extract(checkpoints["plain"], corpus_file, tmp_path / "added", layers=LAYERS, max_length=32,
-                    batch_size=4, add_bos=True, progress=False)
+                    batch_size=4, progress=False)
     assert added.manifest["bos_present"] and not added.manifest["tokenizer"]["adds_bos"]
+    assert added.manifest["bos"]["policy"] == "prepend" and added.manifest["bos"]["prepended"]
+    assert added.manifest["bos"]["dropped_from_x"] and not dropped.manifest["bos"]["prepended"]
+    assert added.positions.min() == 1
     np.testing.assert_array_equal(added.token_ids, dropped.token_ids)
     np.testing.assert_array_equal(added.layer_array(0), dropped.layer_array(0))
 

@@ -69,12 +69,11 @@ def synthetic():
 def written(tmp_path_factory, synthetic):
     out = tmp_path_factory.mktemp("report") / "layer_03"
     s = synthetic
-    layer_report = report.write_layer_report(
-        out, layer=3, features=s["features"], codes=s["codes"], token_ids=s["token_ids"],
-        doc_index=s["doc_index"], positions=s["positions"], decode=decode, label_index=s["label_index"],
-        labels=s["labels"], vocab=s["vocab"], loss_history=s["loss_history"],
-        fit_info={"n_iter": 40, "relative_error": 0.25, "params": {"rank": 3}},
-        options=report.ReportOptions(k_top=5, window=3))
+    inputs = report.LayerInputs(
+        features=s["features"], codes=s["codes"], token_ids=s["token_ids"], doc_index=s["doc_index"],
+        positions=s["positions"], decode=decode, label_index=s["label_index"], labels=s["labels"], vocab=s["vocab"],
+        loss_history=s["loss_history"], fit_info={"n_iter": 40, "relative_error": 0.25, "params": {"rank": 3}})
+    layer_report = report.write_layer_report(out, 3, inputs, report.ReportOptions(k_top=5, window=3))
     return out, layer_report
 
 
@@ -161,9 +160,7 @@ def test_index_links_layers(tmp_path, written):
 
 def test_report_without_labels_or_vocab(tmp_path, synthetic):
     s = synthetic
-    r = report.write_layer_report(
-        tmp_path / "l", layer=0, features=s["features"], codes=s["codes"], token_ids=s["token_ids"],
-        doc_index=s["doc_index"], positions=s["positions"], decode=decode)
+    r = report.write_layer_report(tmp_path / "l", 0, _inputs(s))
     text = "".join(parse(r.html).text)
     assert "Vocabulary projection" not in text and "Labels of the top tokens" not in text
     data = report.read_features(r.features_json)
@@ -174,8 +171,38 @@ def test_report_without_labels_or_vocab(tmp_path, synthetic):
 def test_build_features_checks_shapes(synthetic):
     s = synthetic
     with pytest.raises(ValueError, match="disagree on the rank"):
-        report.build_features(s["features"][:, :2], s["codes"], token_ids=s["token_ids"], doc_index=s["doc_index"],
-                              positions=s["positions"], decode=decode)
+        report.build_features(_inputs(s, features=s["features"][:, :2]))
     with pytest.raises(ValueError, match="token_ids has 59 rows"):
-        report.build_features(s["features"], s["codes"], token_ids=s["token_ids"][:-1], doc_index=s["doc_index"],
-                              positions=s["positions"], decode=decode)
+        report.build_features(_inputs(s, token_ids=s["token_ids"][:-1]))
+
+
+def _inputs(s, **changes):
+    fields = dict(features=s["features"], codes=s["codes"], token_ids=s["token_ids"], doc_index=s["doc_index"],
+                  positions=s["positions"], decode=decode)
+    return report.LayerInputs(**{**fields, **changes})
+
+
+def test_evaluation_panels_and_concept_tree(tmp_path, synthetic):
+    evaluation = {
+        "judge": {"name": "lexicon", "validation": {"auroc": 0.987}},
+        "detection": {"SNMF": {"per_concept": {"animals": {"feature": 1, "auroc": 0.912, "gap": 0.25}},
+                               "matched": 1, "mean_auroc": 0.912},
+                      "DiffMeans": {"per_concept": {"animals": {"feature": 0, "auroc": 0.876, "gap": 0.5}},
+                                    "matched": 1, "mean_auroc": 0.876}},
+        "steering": {"SNMF": {"animals": {"feature": 1, "site": "hook_post", "targets": [
+            {"target": 0.5, "reached": True, "alpha": 12.34, "kl": 0.501, "score": 0.77, "samples": ["dog <cat>"]}]}}},
+        "hierarchy": {"ranks": [2, 1], "levels": [
+            {"level": 0, "rank": 2, "nodes": [{"id": "L0.0", "top_tokens": ["dog"], "parent": "L1.0"},
+                                              {"id": "L0.1", "top_tokens": ["cat"], "parent": "L1.0"}]},
+            {"level": 1, "rank": 1, "nodes": [{"id": "L1.0", "top_tokens": ["pets"],
+                                               "children": {"L0.0": 0.61, "L0.1": 0.39}}]}]},
+    }
+    r = report.write_layer_report(tmp_path / "l", 0, _inputs(synthetic, evaluation=evaluation))
+    page = r.html.read_text()
+    parse(r.html)  # balanced
+    for number in ("0.987", "0.912", "0.876", "12.3", "0.501", "0.77", "0.61", "0.39"):
+        assert number in page, number
+    assert "Concept tree" in page and "L1.0" in page and "dog &lt;cat&gt;" in page
+    records = report.read_features(r.features_json)["features"]
+    assert records[1]["detection"] == [{"concept": "animals", "auroc": 0.912, "gap": 0.25, "DiffMeans auroc": 0.876}]
+    assert records[1]["steering"][0]["targets"][0]["alpha"] == 12.34 and records[0]["steering"] == []

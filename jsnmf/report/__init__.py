@@ -39,10 +39,15 @@ has labels, the share of its top tokens per label. All token text is HTML-escape
           "top_neurons": [{"neuron": int, "weight": float}],          # largest |F[:, feature]| first
           "vocab_top": [{"token": str, "logit": float}],              # [] when no model was given
           "vocab_bottom": [{"token": str, "logit": float}],
-          "label_shares": {label: float}                               # {} when the corpus has no labels
+          "label_shares": {label: float},                              # {} when the corpus has no labels
+          "detection": [{"concept": str, "auroc": float, "gap": float,   # concepts matched to this feature
+                         "<method> auroc": float|null}],                  # ([] without evaluation.json)
+          "steering": [{"concept": str, "site": str, "targets": [{"target", "reached", "alpha", "kl", "score",
+                        "concept", "fluency", "model_fluency", "sample"}]}]
         }
-      ]
-    }
+      ],
+      "evaluation": {...}                # the layer's entry of RUN/evaluation.json (jsnmf evaluate), if any;
+    }                                    # "hierarchy" in it (Hierarchy.to_dict) is drawn as the concept tree
 """
 
 from __future__ import annotations
@@ -59,50 +64,32 @@ from tqdm.auto import tqdm
 
 from jsnmf import analysis
 from jsnmf.io.files import atomic_write_bytes, atomic_write_text
+from jsnmf.io.manifest import read_manifest
 from jsnmf.layout import RunLayout, hook_name, layer_dir_name
-from jsnmf.report.features import FEATURES_FORMAT, FEATURES_VERSION, LayerReport, build_features, read_features
+from jsnmf.report.features import (FEATURES_FORMAT, FEATURES_VERSION, LayerInputs, LayerReport, build_features,
+                                   read_features)
 from jsnmf.report.images import codes_png, loss_png
 from jsnmf.report.pages import data_uri, page, render_layer_html
 from jsnmf.report.panels import PANELS, Panel, PanelInputs, ReportOptions, esc
 
-__all__ = ["FEATURES_FORMAT", "LayerReport", "ReportOptions", "Panel", "PanelInputs", "PANELS", "build_features",
+__all__ = ["FEATURES_FORMAT", "LayerInputs", "LayerReport", "ReportOptions", "Panel", "PanelInputs", "PANELS", "build_features",
            "write_layer_report", "write_index", "write_report", "read_features", "render_layer_html",
            "loss_png", "codes_png", "layer_dir_name"]
 
 log = logging.getLogger(__name__)
 
 
-def write_layer_report(
-    out_dir: str | os.PathLike,
-    *,
-    layer: int,
-    features: np.ndarray,
-    codes: np.ndarray,
-    token_ids: np.ndarray,
-    doc_index: np.ndarray,
-    positions: np.ndarray,
-    decode: Callable[[list[int]], str],
-    label_index: np.ndarray | None = None,
-    labels: Sequence[str] = (),
-    vocab: list[dict] | None = None,
-    loss_history: np.ndarray | None = None,
-    fit_info: dict | None = None,
-    options: ReportOptions = None,
-    progress: bool = False,
-) -> LayerReport:
-    """Write ``report.html``, ``features.json``, ``loss.png`` and ``codes.png`` into ``out_dir``.
-
-    Arguments as :func:`build_features`; ``fit_info`` may hold ``n_iter``, ``relative_error``,
-    ``params`` of the fit. Each file is written atomically.
-    """
+def write_layer_report(out_dir: str | os.PathLike, layer: int, inputs: LayerInputs, options: ReportOptions = None,
+                       progress: bool = False) -> LayerReport:
+    """Write ``report.html``, ``features.json``, ``loss.png`` and ``codes.png`` of ``layer`` into ``out_dir``
+    (each atomically) from ``inputs`` (:class:`LayerInputs`)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    codes = np.asarray(codes)
-    records = build_features(
-        features, codes, token_ids=token_ids, doc_index=doc_index, positions=positions, decode=decode,
-        label_index=label_index, labels=labels, vocab=vocab, options=options, progress=progress)
+    codes = np.asarray(inputs.codes)
+    features, loss_history = inputs.features, inputs.loss_history
+    records = build_features(inputs, options=options, progress=progress)
     stats = analysis.code_statistics(codes)
-    fit_info = dict(fit_info or {})
+    fit_info = dict(inputs.fit_info or {})
     history = None if loss_history is None else np.asarray(loss_history, dtype=np.float64)
     data = {
         "format": FEATURES_FORMAT,
@@ -120,9 +107,11 @@ def write_layer_report(
             "params": fit_info.get("params"),
         },
         "l0": float(stats["l0"]),
-        "labels": list(labels),
+        "labels": list(inputs.labels),
         "features": records,
     }
+    if inputs.evaluation is not None:
+        data["evaluation"] = inputs.evaluation
     loss, code_hist = loss_png(history), codes_png(codes)
     atomic_write_bytes(out_dir / "loss.png", loss)
     atomic_write_bytes(out_dir / "codes.png", code_hist)
@@ -227,6 +216,7 @@ def write_report(
     decode = _load_decoder(store)
     if vocab and model is None:
         model = _try_load_model(_store_model_path(store))
+    evaluation = read_evaluation(run.evaluation)
     reports = []
     for layer in tqdm(layers, desc="report", disable=not progress):
         fitted = SNMF.load(run.fitted(layer, snmf_dir))
@@ -235,15 +225,14 @@ def write_report(
                 f"{run.fitted(layer, snmf_dir)}: the codes have {fitted.codes_.shape[0]} rows but the store "
                 f"has {store.n_tokens} tokens; was it fitted on this store?")
         projections = _vocab_projections(model, layer, fitted.features_, decode, options.n_vocab) if (vocab and model) else None
-        reports.append(write_layer_report(
-            run.report_layer(layer, out_dir), layer=layer, features=fitted.features_, codes=fitted.codes_,
-            token_ids=store.token_ids, doc_index=store.doc_index, positions=store.positions, decode=decode,
-            label_index=store.label_index, labels=store.labels, vocab=projections,
-            loss_history=getattr(fitted, "loss_history_", None),
+        inputs = LayerInputs(
+            features=fitted.features_, codes=fitted.codes_, token_ids=store.token_ids, doc_index=store.doc_index,
+            positions=store.positions, decode=decode, label_index=store.label_index, labels=store.labels,
+            vocab=projections, loss_history=getattr(fitted, "loss_history_", None),
             fit_info={"n_iter": getattr(fitted, "n_iter_", None),
-                      "relative_error": getattr(fitted, "relative_error_", None),
-                      "params": _json_params(fitted)},
-            options=options))
+                      "relative_error": getattr(fitted, "relative_error_", None), "params": _json_params(fitted)},
+            evaluation=layer_evaluation(evaluation, layer))
+        reports.append(write_layer_report(run.report_layer(layer, out_dir), layer, inputs, options))
     run_info = {
         "model": _store_model_path(store) or "",
         "corpus": (store.manifest.get("corpus") or {}).get("path", ""),
@@ -253,6 +242,23 @@ def write_report(
         "checkpoints": str(snmf_dir),
     }
     return write_index(out_dir, reports, run_info)
+
+
+def read_evaluation(path: Path) -> dict | None:
+    """``jsnmf evaluate``'s ``evaluation.json`` when the run has one (else None)."""
+    from jsnmf.evaluation.run import EVALUATION_FORMAT, EVALUATION_VERSION
+
+    if not Path(path).is_file():
+        return None
+    return read_manifest(path, format=EVALUATION_FORMAT, version=EVALUATION_VERSION, what="jsnmf evaluation file")
+
+
+def layer_evaluation(evaluation: dict | None, layer: int) -> dict | None:
+    """One layer's entry of an evaluation, with the run-wide facts its panels show (judge, targets)."""
+    if evaluation is None or str(layer) not in evaluation.get("layers", {}):
+        return None
+    return dict(evaluation["layers"][str(layer)], judge=evaluation.get("judge"),
+                kl_targets=evaluation.get("settings", {}).get("kl_targets"))
 
 
 def _json_params(fitted) -> dict | None:

@@ -14,7 +14,7 @@ from jsnmf import analysis
 from jsnmf.io.manifest import read_manifest
 from jsnmf.report.panels import PANELS, PanelInputs, ReportOptions
 
-__all__ = ["FEATURES_FORMAT", "FEATURES_VERSION", "LayerReport", "build_features", "read_features"]
+__all__ = ["FEATURES_FORMAT", "FEATURES_VERSION", "LayerInputs", "LayerReport", "build_features", "read_features"]
 
 FEATURES_FORMAT = "jsnmf.report.features"
 FEATURES_VERSION = 1
@@ -35,27 +35,41 @@ class LayerReport:
     n_iter: int | None
 
 
-def build_features(
-    features: np.ndarray,
-    codes: np.ndarray,
-    *,
-    token_ids: np.ndarray,
-    doc_index: np.ndarray,
-    positions: np.ndarray,
-    decode: Callable[[list[int]], str],
-    label_index: np.ndarray | None = None,
-    labels: Sequence[str] = (),
-    vocab: list[dict] | None = None,
-    options: ReportOptions = None,
-    progress: bool = False,
-) -> list[dict]:
-    """The per-feature records of ``features.json`` (see the module docstring) from plain arrays.
+@dataclass(frozen=True)
+class LayerInputs:
+    """Everything a layer's report is computed from, in one object.
 
     ``features`` is F (d_mlp × k), ``codes`` is G (n_tokens × k); ``token_ids``, ``doc_index``,
-    ``positions`` (and ``label_index``) describe the n_tokens rows, as an ``ActivationStore`` does.
-    ``vocab``: per feature ``{"top": [(token, logit)], "bottom": [...]}`` (``analysis.vocab_projection``).
+    ``positions`` (and ``label_index``) describe the n_tokens rows, as an ``ActivationStore`` does;
+    ``decode`` turns token ids into text; ``labels`` are the corpus labels. Optional: ``vocab`` per
+    feature ``{"top": [(token, logit)], "bottom": [...]}`` (``analysis.vocab_projection``);
+    ``loss_history`` and ``fit_info`` (``n_iter``, ``relative_error``, ``params``) of the fit;
+    ``evaluation``: this layer's entry of ``jsnmf evaluate``'s ``evaluation.json`` (with its ``judge``
+    and ``concepts``), shown by the steering and detection panels.
+    """
+
+    features: np.ndarray
+    codes: np.ndarray
+    token_ids: np.ndarray
+    doc_index: np.ndarray
+    positions: np.ndarray
+    decode: Callable[[list[int]], str]
+    label_index: np.ndarray | None = None
+    labels: Sequence[str] = ()
+    vocab: list[dict] | None = None
+    loss_history: np.ndarray | None = None
+    fit_info: dict | None = None
+    evaluation: dict | None = None
+
+
+def build_features(inputs: LayerInputs, options: ReportOptions = None, progress: bool = False) -> list[dict]:
+    """The per-feature records of ``features.json`` (see :mod:`jsnmf.report`) from a layer's inputs.
+
     Each panel of :data:`PANELS` adds its fields to every record.
     """
+    features, codes, token_ids, doc_index, positions, decode = (
+        inputs.features, inputs.codes, inputs.token_ids, inputs.doc_index, inputs.positions, inputs.decode)
+    label_index, labels, vocab = inputs.label_index, inputs.labels, inputs.vocab
     options = options or ReportOptions()
     features, codes = np.asarray(features), np.asarray(codes)
     n_tokens, k = codes.shape
@@ -71,9 +85,10 @@ def build_features(
     documents = analysis.DocumentIndex(doc_index, positions)
     stats = analysis.code_statistics(codes)
     top = analysis.top_activations(codes, options.k_top)
-    inputs = PanelInputs(features=features, codes=codes, top=top, label_index=label_index if has_labels else None,
-                         labels=list(labels), vocab=vocab, options=options)
-    panel_fields = [panel.compute(inputs) for panel in PANELS]
+    panel_inputs = PanelInputs(features=features, codes=codes, top=top,
+                               label_index=label_index if has_labels else None, labels=list(labels), vocab=vocab,
+                               options=options, evaluation=inputs.evaluation)
+    panel_fields = [panel.compute(panel_inputs) for panel in PANELS]
     records = []
     for j in tqdm(range(k), desc="features", disable=not progress, leave=False):
         contexts = analysis.token_contexts(top[j], token_ids, documents, decode, options.window)

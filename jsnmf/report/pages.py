@@ -88,6 +88,57 @@ def _feature_html(feature: dict, has_labels: bool, panels: Sequence[Panel]) -> s
             f"{_contexts_html(feature, has_labels)}</div><div class=side>{side}</div></div></section>")
 
 
+def _detection_summary(evaluation: dict) -> str:
+    methods = list(evaluation["detection"])
+    concepts = list(evaluation["detection"][methods[0]]["per_concept"])
+    head = "<tr><th>concept</th>" + "".join(f"<th class=num>{esc(m)} AUROC</th>" for m in methods) + "</tr>"
+    rows = []
+    for concept in concepts:
+        cells = []
+        for m in methods:
+            entry = evaluation["detection"][m]["per_concept"][concept]
+            cells.append("<td class=num>—</td>" if entry["auroc"] is None else
+                         f"<td class=num>{entry['auroc']:.3f}"
+                         + (f" <span class=muted>(#{entry['feature']})</span>" if m != "DiffMeans" else "") + "</td>")
+        rows.append(f"<tr><td>{esc(concept)}</td>{''.join(cells)}</tr>")
+    means = "".join(f"<td class=num><b>{d['mean_auroc']:.3f}</b> ({d['matched']} matched)</td>" if d["mean_auroc"]
+                    is not None else "<td class=num>—</td>" for d in evaluation["detection"].values())
+    rows.append(f"<tr><th>mean</th>{means}</tr>")
+    return "<table class=summary>" + head + "".join(rows) + "</table>"
+
+
+def _tree_html(tree: dict) -> str:
+    """The concept tree (``Hierarchy.to_dict``), top level first, each node with its children nested."""
+    levels = tree["levels"]
+
+    def node_html(level: int, node: dict) -> str:
+        tokens = " ".join(f"<code class=tok>{visible(t)}</code>" for t in dict.fromkeys(node.get("top_tokens", []))
+                          if t.strip())
+        children = ""
+        if level > 0:
+            kids = [levels[level - 1]["nodes"][int(c.split(".")[1])] for c in node.get("children", {})
+                    if levels[level - 1]["nodes"][int(c.split(".")[1])].get("parent") == node["id"]]
+            children = "<ul>" + "".join(f"<li>{node_html(level - 1, kid)} <span class=muted>weight "
+                                        f"{node['children'][kid['id']]:.2f}</span></li>" for kid in kids) + "</ul>"
+        return f"<b>{esc(node['id'])}</b> {tokens}{children}"
+
+    top = len(levels) - 1
+    return "<ul class=tree>" + "".join(f"<li>{node_html(top, n)}</li>" for n in levels[top]["nodes"]) + "</ul>"
+
+
+def _evaluation_html(evaluation: dict) -> str:
+    judge = evaluation.get("judge")
+    parts = ["<h2 id=evaluation>Evaluation</h2>",
+             "<p>" + (f"Judge: {esc(judge['name'])}, matched-vs-mismatched AUROC {judge['validation']['auroc']:.3f}. "
+                      if judge else "No concept judge. ")
+             + "Detection: max-token cosine of each method's matched direction, concept's sentences vs the rest "
+               "(feature numbers in parentheses). Steering per feature below.</p>",
+             _detection_summary(evaluation)]
+    if evaluation.get("hierarchy"):
+        parts += ["<h2 id=concept-tree>Concept tree</h2>", _tree_html(evaluation["hierarchy"])]
+    return "\n".join(parts)
+
+
 def render_layer_html(data: dict, loss_image: str, codes_image: str, title_extra: str = "") -> str:
     """The layer page for ``features.json`` content ``data``; images are URIs (data: or file names)."""
     records = data["features"]
@@ -106,6 +157,7 @@ def render_layer_html(data: dict, loss_image: str, codes_image: str, title_extra
         f"<p>{' · '.join(esc(x) for x in facts)}</p>",
         f"<div class=cols><div><img src=\"{loss_image}\" alt=\"loss curve\"></div>"
         f"<div><img src=\"{codes_image}\" alt=\"code distribution\"></div></div>",
+        _evaluation_html(data["evaluation"]) if data.get("evaluation") else "",
         "<h2>Features</h2>",
         _summary_table(records, has_labels, has_vocab),
         *(_feature_html(f, has_labels, [panel for panel in PANELS if panel.shown(data)]) for f in records),

@@ -33,7 +33,8 @@ class ReportOptions:
 @dataclass(frozen=True)
 class PanelInputs:
     """What a panel computes from: the factors, each feature's top tokens, the corpus labels (None when
-    the corpus has none), the vocabulary projections (None without a model), the options."""
+    the corpus has none), the vocabulary projections (None without a model), the options, and the
+    layer's evaluation (``jsnmf evaluate``; None when the run has none)."""
 
     features: np.ndarray
     codes: np.ndarray
@@ -42,6 +43,7 @@ class PanelInputs:
     labels: list
     vocab: list | None
     options: ReportOptions
+    evaluation: dict | None = None  # the layer's entry of evaluation.json (jsnmf evaluate), if any
 
 
 @dataclass(frozen=True)
@@ -110,9 +112,80 @@ def _labels_html(feature: dict) -> str:
     return f"<table>{rows}</table>"
 
 
+def _matched_here(inputs: PanelInputs, part: str) -> list[list[tuple[str, dict]]]:
+    """Per feature, the (concept, entry) pairs of the SNMF ``part`` ("steering"/"detection") of the
+    evaluation whose matched feature it is."""
+    per_feature = [[] for _ in range(inputs.codes.shape[1])]
+    if inputs.evaluation is None:
+        return per_feature
+    entries = inputs.evaluation[part].get("SNMF", {})
+    for concept, entry in (entries.get("per_concept", entries) if part == "detection" else entries).items():
+        if entry.get("feature") is not None:
+            per_feature[entry["feature"]].append((concept, entry))
+    return per_feature
+
+
+def _steering(inputs: PanelInputs) -> list[dict]:
+    fields = []
+    for pairs in _matched_here(inputs, "steering"):
+        fields.append({"steering": [
+            {"concept": concept, "site": cell["site"],
+             "targets": [{**{k: t.get(k) for k in ("target", "reached", "alpha", "kl", "score", "concept",
+                                                   "fluency", "model_fluency")},
+                          "sample": (t.get("samples") or [None])[0]} for t in cell["targets"]]}
+            for concept, cell in pairs]})
+    return fields
+
+
+def _detection(inputs: PanelInputs) -> list[dict]:
+    others = {} if inputs.evaluation is None else inputs.evaluation["detection"]
+    fields = []
+    for pairs in _matched_here(inputs, "detection"):
+        rows = []
+        for concept, entry in pairs:
+            row = {"concept": concept, "auroc": entry["auroc"], "gap": entry["gap"]}
+            for method, det in others.items():
+                if method != "SNMF":
+                    row[f"{method} auroc"] = det["per_concept"].get(concept, {}).get("auroc")
+            rows.append(row)
+        fields.append({"detection": rows})
+    return fields
+
+
+def _num(value, spec: str = ".3f") -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def _steering_html(feature: dict) -> str:
+    parts = []
+    for cell in feature["steering"]:
+        rows = "".join(
+            f"<tr><td class=num>{t['target']:g}</td><td class=num>{_num(t['alpha'], '.3g')}</td>"
+            f"<td class=num>{_num(t['kl'], '.3g')}</td><td class=num>{_num(t['score'], '.2f') if t['reached'] else 'not reached'}</td>"
+            f"<td class=text>{visible(t['sample'] or '')}</td></tr>" for t in cell["targets"])
+        parts.append(f"<div>steered towards <b>{esc(cell['concept'])}</b> at {esc(cell['site'])}</div>"
+                     "<table><tr><th class=num>KL target</th><th class=num>α</th><th class=num>KL</th>"
+                     f"<th class=num>score</th><th>sample</th></tr>{rows}</table>")
+    return "".join(parts) or "<p class=muted>No concept is matched to this feature.</p>"
+
+
+def _detection_html(feature: dict) -> str:
+    if not feature["detection"]:
+        return "<p class=muted>No concept is matched to this feature.</p>"
+    others = [k for k in feature["detection"][0] if k.endswith(" auroc")]
+    head = "<tr><th>concept</th><th class=num>AUROC</th><th class=num>gap</th>" + "".join(
+        f"<th class=num>{esc(k[:-6])}</th>" for k in others) + "</tr>"
+    rows = "".join(f"<tr><td>{esc(r['concept'])}</td><td class=num>{r['auroc']:.3f}</td><td class=num>{r['gap']:.3f}</td>"
+                   + "".join(f"<td class=num>{_num(r[k])}</td>" for k in others) + "</tr>"
+                   for r in feature["detection"])
+    return f"<table>{head}{rows}</table>"
+
+
 PANELS: list[Panel] = [
     Panel("Strongest neurons", _neurons, _neurons_html, lambda data: True),
     Panel("Vocabulary projection", _vocab, _vocab_html,
           lambda data: any(f["vocab_top"] for f in data["features"])),
     Panel("Labels of the top tokens", _label_shares, _labels_html, lambda data: bool(data["labels"])),
+    Panel("Concept detection (max-token cosine)", _detection, _detection_html, lambda data: "evaluation" in data),
+    Panel("Steering at matched KL", _steering, _steering_html, lambda data: "evaluation" in data),
 ]
