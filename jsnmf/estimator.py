@@ -167,6 +167,9 @@ class SNMF:
             raise ValueError(f"max_iter must be a positive integer; got {self.max_iter!r}")
         if not (isinstance(self.patience, (int, np.integer)) and self.patience >= 1):
             raise ValueError(f"patience must be a positive integer; got {self.patience!r}")
+        if not (isinstance(self.seed, (int, np.integer)) and not isinstance(self.seed, bool)
+                and -2**63 <= int(self.seed) < 2**63):
+            raise ValueError(f"seed must be an integer in [-2**63, 2**63) (a 64-bit integer); got {self.seed!r}")
         if not (math.isfinite(float(self.tol)) and float(self.tol) >= 0):
             raise ValueError(f"tol must be a finite number >= 0; got {self.tol!r}")
         if self.dtype not in DTYPES:
