@@ -21,8 +21,11 @@ resume the other's checkpoint (equal up to float rounding; bitwise when the same
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -312,18 +315,85 @@ class FitCheckpointer:
         if progress.iteration in self._saved or progress.iteration == 0:
             return
         ocp = self._ocp
-        # orbax copies NumPy arrays before save() returns, so the caller may overwrite its buffers.
-        self.manager.save(progress.iteration, force=True, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(progress.to_tree()), problem=ocp.args.JsonSave(self.problem)))
-        self._saved.add(progress.iteration)
+        tree = progress.to_tree()
+        _check_savable(tree, self.directory / str(progress.iteration))
+        with _interrupts_deferred():  # a Ctrl-C during the save is raised once orbax has it in hand
+            before = _orbax_threads()
+            try:
+                # orbax copies NumPy arrays before save() returns, so the caller may overwrite its buffers.
+                self.manager.save(progress.iteration, force=True, args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(tree), problem=ocp.args.JsonSave(self.problem)))
+            except BaseException:
+                _release_orbax_threads(_orbax_threads() - before)
+                raise
+            self._saved.add(progress.iteration)
 
     def close(self) -> None:
-        """Wait for the background save to finish and release the manager."""
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Wait for the background save to finish and release the manager (also when the wait fails)."""
+        try:
+            self.manager.wait_until_finished()
+        finally:
+            self.manager.close()
 
     def __enter__(self) -> "FitCheckpointer":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# ---------------------------------------------------------------- a save that fails or is interrupted
+
+
+def _check_savable(tree: dict, where: Path) -> None:
+    """orbax refuses empty arrays only after it has started its background threads; refuse them first."""
+    empty = [name for name, value in tree.items() if np.size(value) == 0]
+    if empty:
+        raise ValueError(f"{where}: cannot checkpoint empty array(s) {empty}")
+
+
+@contextlib.contextmanager
+def _interrupts_deferred():
+    """Hold back SIGINT (Ctrl-C) while orbax starts a save, and deliver it right after.
+
+    A KeyboardInterrupt raised inside ``CheckpointManager.save`` leaves orbax threads waiting for
+    signals that never come, and the process never exits. Only the main thread receives signals.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            if callable(previous):
+                previous(signal.SIGINT, None)  # the default handler raises KeyboardInterrupt
+            elif previous == signal.SIG_DFL:
+                signal.raise_signal(signal.SIGINT)
+
+
+def _orbax_threads() -> set[threading.Thread]:
+    """orbax's background threads that wait for signals of a save before they run."""
+    return {thread for thread in threading.enumerate()
+            if hasattr(thread, "cancel") and hasattr(thread, "_receive_signals")}
+
+
+def _release_orbax_threads(threads: set[threading.Thread]) -> None:
+    """Cancel the background threads of a save that failed and wake them, so that they end now.
+
+    They wait (for about half an hour) for a signal from the part of the save that failed, and the
+    interpreter waits for them at exit. Best effort: an orbax without these internals is left as is.
+    """
+    try:
+        from orbax.checkpoint._src.futures.future import set_signals
+    except ImportError:
+        return
+    for thread in threads:
+        try:
+            thread.cancel()
+            set_signals(thread._receive_signals, operation_id=thread._operation_id)
+        except Exception:  # noqa: BLE001 - best effort; the original error is what matters
+            pass

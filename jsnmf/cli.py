@@ -420,13 +420,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, NotADirectoryError) as err:
         print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except (OSError, RecursionError, FloatingPointError) as err:  # a full disk, no permission, ...
+        print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
 
 
-def _one_line(err: Exception) -> str:
-    return " ".join(str(err).split()) or type(err).__name__
+def _one_line(err: BaseException) -> str:
+    """The error as one line; an OSError as "<file>: <what went wrong>" (its filename when it has one)."""
+    if isinstance(err, OSError) and err.strerror:
+        files = " -> ".join(str(f) for f in (err.filename, err.filename2) if f is not None)
+        text = f"{files}: {err.strerror}" if files else f"{err.strerror} (no file named; errno {err.errno})"
+    elif isinstance(err, RecursionError):
+        text = f"input nested too deeply to process ({err})"
+    else:
+        text = str(err)
+    return " ".join(text.split()) or type(err).__name__
 
 
 if __name__ == "__main__":

@@ -95,10 +95,18 @@ def _parse(text: str, path: Path) -> tuple[str, list[Document]]:
         return "text", _parse_text(text)
     # Unknown extension with JSON-looking content: a whole JSON value, else JSON Lines.
     try:
-        value = json.loads(text)
+        value = _loads(text, path)
     except json.JSONDecodeError:
         return "jsonl", _parse_jsonl(text, path)
     return _parse_json_value(value, path)
+
+
+def _loads(text: str, where) -> object:
+    """``json.loads``; JSON nested too deeply for the parser is a ValueError naming ``where``."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError(f"{where}: JSON nested too deeply to read") from None
 
 
 def _parse_text(text: str) -> list[Document]:
@@ -112,7 +120,7 @@ def _parse_jsonl(text: str, path: Path) -> list[Document]:
             continue
         where = f"{path}:{line_no}"
         try:
-            record = json.loads(line)
+            record = _loads(line, where)
         except json.JSONDecodeError as err:
             raise ValueError(f"{where}: malformed JSON line ({err.msg}, column {err.colno})") from None
         documents.append(_record_to_document(record, where))
@@ -121,7 +129,7 @@ def _parse_jsonl(text: str, path: Path) -> list[Document]:
 
 def _parse_json_file(text: str, path: Path) -> tuple[str, list[Document]]:
     try:
-        value = json.loads(text)
+        value = _loads(text, path)
     except json.JSONDecodeError as err:
         if _first_line_is_json_object(text):  # JSON Lines saved as .json
             return "jsonl", _parse_jsonl(text, path)
@@ -133,7 +141,7 @@ def _first_line_is_json_object(text: str) -> bool:
     first = next((line for line in text.splitlines() if line.strip()), "")
     try:
         return isinstance(json.loads(first), dict)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         return False
 
 
@@ -176,6 +184,11 @@ def _check_text(text, where: str) -> str:
         raise ValueError(f"{where}: text must be a string, got {type(text).__name__}")
     if not text.strip():
         raise ValueError(f"{where}: text is empty")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:  # a lone surrogate from a JSON escape such as "\ud800"
+        raise ValueError(f"{where}: text holds an unpaired surrogate {text[err.start]!r} at character "
+                         f"{err.start}, which is not a Unicode character") from None
     return text
 
 

@@ -30,7 +30,7 @@ from jsnmf.fit.starts import initial_factors, sharded_initial_factors
 from jsnmf.fit.stream import StreamedFit
 from jsnmf.io.codes import codes_directory
 from jsnmf.io.files import atomic_write_json
-from jsnmf.io.manifest import read_manifest
+from jsnmf.io.manifest import INTEGER, NUMBER, corrupt, read_manifest
 from jsnmf.io.sources import make_plan
 from jsnmf.kernels.fit import SolverConfig, solve_codes
 from jsnmf.fit.starts import INITIALIZERS
@@ -153,6 +153,9 @@ class SNMF:
             raise ValueError(f"max_iter must be a positive integer; got {self.max_iter!r}")
         if not (isinstance(self.patience, (int, np.integer)) and self.patience >= 1):
             raise ValueError(f"patience must be a positive integer; got {self.patience!r}")
+        if not (isinstance(self.seed, (int, np.integer)) and not isinstance(self.seed, bool)
+                and -2**63 <= int(self.seed) < 2**63):
+            raise ValueError(f"seed must be an integer in [-2**63, 2**63) (a 64-bit integer); got {self.seed!r}")
         if not (math.isfinite(float(self.tol)) and float(self.tol) >= 0):
             raise ValueError(f"tol must be a finite number >= 0; got {self.tol!r}")
         if self.dtype not in DTYPES:
@@ -419,26 +422,21 @@ class SNMF:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "SNMF":
-        """Read a checkpoint written by :meth:`save`."""
-        import orbax.checkpoint as ocp
-
+        """Read a checkpoint written by :meth:`save`; a manifest or arrays that do not fit together
+        raise one ValueError naming the checkpoint and the problem."""
         path = Path(path).absolute()
         manifest = read_manifest(path / MANIFEST, format=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION,
                                  what="jsnmf SNMF checkpoint", missing_what="jsnmf checkpoint",
-                                 required=("params", "shapes", "n_iter", "n_features_in", "reconstruction_err",
-                                           "relative_error"))
-        # models saved before the runtime settings moved to fit() recorded them with the params
-        params = {name: value for name, value in dict(manifest["params"]).items() if name not in RUNTIME_SETTINGS}
-        if params["init"] == "arrays":
-            params["init"] = "random"
-        model = cls(**params)
-        arrays = ocp.StandardCheckpointer().restore(path / ARRAYS)
-        for name, shape in manifest["shapes"].items():
-            if list(np.shape(arrays[name])) != shape:
-                raise ValueError(f"{path}: array {name!r} has shape {np.shape(arrays[name])}, manifest says {shape}")
-        model.features_ = np.asarray(arrays["features"])
-        model.codes_ = np.asarray(arrays["codes"])
-        model.loss_history_ = np.asarray(arrays["loss_history"])
+                                 required=_LOAD_REQUIRED, types=_LOAD_TYPES)
+        shapes = _checked_shapes(manifest, path)
+        try:
+            model = cls(**_loadable_params(manifest["params"], path))
+        except (TypeError, ValueError) as err:
+            raise corrupt(path, f"its params are not valid SNMF settings ({err})", MANIFEST) from None
+        arrays = _restore_arrays(path, shapes)
+        model.features_ = arrays["features"]
+        model.codes_ = arrays["codes"]
+        model.loss_history_ = arrays["loss_history"]
         model.n_iter_ = int(manifest["n_iter"])
         model.n_features_in_ = int(manifest["n_features_in"])
         model.reconstruction_err_ = float(manifest["reconstruction_err"])
@@ -448,9 +446,6 @@ class SNMF:
     def __repr__(self) -> str:
         shown = {k: v for k, v in self.get_params().items() if not (k == "init" and not isinstance(v, str))}
         return f"SNMF({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
-
-
-RUNTIME_SETTINGS = ("progress", "mesh", "chunk_tokens", "codes_on_disk", "checkpoint_every", "max_to_keep")
 
 
 def show_progress(progress: bool | None) -> bool:
@@ -471,6 +466,64 @@ def check_runtime(*, mesh: Any = None, chunk_tokens: int | None = None, codes_on
     for name, value in (("checkpoint_every", checkpoint_every), ("max_to_keep", max_to_keep)):
         if not (isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1):
             raise ValueError(f"{name} must be a positive integer; got {value!r}")
+
+
+_LOAD_REQUIRED = ("params", "shapes", "n_iter", "n_features_in", "reconstruction_err", "relative_error")
+_LOAD_TYPES = {"params": dict, "shapes": dict, "dtypes": dict, "n_iter": INTEGER, "n_features_in": INTEGER,
+               "reconstruction_err": NUMBER, "relative_error": NUMBER}
+_ARRAY_RANKS = {"features": 2, "codes": 2, "loss_history": 1}  # the arrays of a checkpoint, their ndim
+
+
+def _checked_shapes(manifest: dict, path: Path) -> dict[str, tuple[int, ...]]:
+    """The manifest's ``shapes``, checked against each other, ``params.rank`` and ``n_features_in``."""
+    shapes = manifest["shapes"]
+    if set(shapes) != set(_ARRAY_RANKS):
+        raise corrupt(path, f"'shapes' names {sorted(shapes)}, expected {sorted(_ARRAY_RANKS)}", MANIFEST)
+    for name, ndim in _ARRAY_RANKS.items():
+        shape = shapes[name]
+        if not (isinstance(shape, list) and len(shape) == ndim
+                and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)):
+            raise corrupt(path, f"shape of {name!r} is {shape!r}, expected {ndim} non-negative integers", MANIFEST)
+    rank = manifest["params"].get("rank")
+    (d, k_features), (_, k_codes) = shapes["features"], shapes["codes"]
+    if not rank == k_features == k_codes:
+        raise corrupt(path, f"rank {rank!r} does not match the shapes of features {shapes['features']} and "
+                            f"codes {shapes['codes']}", MANIFEST)
+    if manifest["n_features_in"] != d:
+        raise corrupt(path, f"n_features_in {manifest['n_features_in']} does not match features "
+                            f"{shapes['features']}", MANIFEST)
+    return {name: tuple(shape) for name, shape in shapes.items()}
+
+
+def _loadable_params(params: dict, path: Path) -> dict:
+    """The constructor's keyword arguments from a manifest's ``params`` (settings this jsnmf no longer
+    takes are left out; an ``init`` that was arrays becomes ``"random"``)."""
+    known = set(SNMF._param_names())
+    params = {name: value for name, value in params.items() if name in known}
+    if params.get("init") == "arrays":
+        params["init"] = "random"
+    return params
+
+
+def _restore_arrays(path: Path, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """The checkpoint's arrays (orbax), each with the shape the manifest gives."""
+    import orbax.checkpoint as ocp
+
+    where = path / ARRAYS
+    if not where.is_dir():
+        raise ValueError(f"{path}: damaged jsnmf SNMF checkpoint, {where.name}/ is missing")
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            arrays = checkpointer.restore(where)
+    except Exception as err:  # noqa: BLE001 - orbax/tensorstore raise many kinds; all mean unreadable
+        raise ValueError(f"{where}: unreadable checkpoint arrays ({type(err).__name__}: {err})") from None
+    if not isinstance(arrays, dict) or set(arrays) != set(shapes):
+        found = sorted(arrays) if isinstance(arrays, dict) else type(arrays).__name__
+        raise ValueError(f"{where}: holds arrays {found}, expected {sorted(shapes)}")
+    for name, shape in shapes.items():
+        if tuple(np.shape(arrays[name])) != shape:
+            raise ValueError(f"{where}: array {name!r} has shape {np.shape(arrays[name])}, {MANIFEST} says {list(shape)}")
+    return {name: np.asarray(array) for name, array in arrays.items()}
 
 
 def _replace_directory(staging: Path, path: Path) -> None:

@@ -26,6 +26,14 @@ Why NumPy ``.npy`` chunk files (and not zarr or tensorstore):
   concurrently, and the OS page cache is shared between them. One file per (layer, chunk)
   lets a reader touch only the layer it fits.
 
+Integrity: the manifest's ``checksums`` maps each committed chunk file (``layer_00/chunk_000000.npy``,
+``tokens/...``) to the sha256 of its bytes, recorded when the chunk is committed. A reader verifies a
+chunk the first time this process reads it (a verified file is remembered by inode, size and mtime,
+so a streamed fit hashes each chunk once, not once per pass) and raises ValueError naming the file on
+a mismatch. A chunk file that is a symbolic link resolving outside the store is refused. Stores
+written before checksums were recorded (no ``checksums`` key) still open; their chunks are checked
+for shape, dtype and size only.
+
 One writer at a time holds an advisory lock (``.lock``, ``fcntl.flock``); the OS drops it
 when the process dies, so a killed extraction can be resumed at once.
 """
@@ -36,6 +44,8 @@ import bisect
 import datetime
 import fcntl
 import functools
+import hashlib
+import io
 import json
 import os
 import queue
@@ -50,7 +60,7 @@ import numpy as np
 import jsnmf
 from jsnmf.dtypes import DISK_DTYPES, DTYPES, check_dtype as check_any_dtype
 from jsnmf.io.files import TMP_SUFFIX, atomic_write, atomic_write_json
-from jsnmf.io.manifest import read_manifest
+from jsnmf.io.manifest import INTEGER, corrupt, read_manifest
 from jsnmf.layout import hook_name, layer_dir_name
 
 __all__ = [
@@ -70,8 +80,12 @@ TOKEN_COLUMNS = ("token_id", "doc_index", "position", "label_index")
 _RESERVED_KEYS = {
     "format", "format_version", "jsnmf_version", "created", "updated", "layers", "hook_names", "dtype",
     "d_mlp", "chunk_tokens", "chunks", "n_tokens", "complete", "labels", "n_documents", "token_columns",
+    "checksums",
 }
-_REQUIRED_KEYS = _RESERVED_KEYS - {"jsnmf_version", "created", "updated", "n_documents", "token_columns"}
+_REQUIRED_KEYS = _RESERVED_KEYS - {"jsnmf_version", "created", "updated", "n_documents", "token_columns", "checksums"}
+# JSON types of the manifest's keys (io.manifest checks them before anything reads them).
+_TYPES = {"layers": list, "dtype": str, "d_mlp": INTEGER, "chunk_tokens": INTEGER, "chunks": list,
+          "n_tokens": INTEGER, "complete": bool, "labels": list, "checksums": dict}
 
 
 def check_dtype(dtype: str) -> str:
@@ -101,9 +115,9 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _atomic_save_npy(path: Path, blocks: Sequence[np.ndarray]) -> None:
+def _atomic_save_npy(path: Path, blocks: Sequence[np.ndarray]) -> str:
     """Save the row blocks ``blocks`` (same dtype and width) as one 2-D ``.npy`` file, without joining
-    them in memory first."""
+    them in memory first; return the sha256 of the file's bytes."""
     first = blocks[0]
     header = {
         "descr": np.lib.format.dtype_to_descr(first.dtype),
@@ -111,26 +125,37 @@ def _atomic_save_npy(path: Path, blocks: Sequence[np.ndarray]) -> None:
         "shape": (sum(len(b) for b in blocks), *first.shape[1:]),
     }
 
+    head = io.BytesIO()
+    np.lib.format.write_array_header_1_0(head, header)
+    digest = hashlib.sha256(head.getvalue())
+
     def write(f):
-        np.lib.format.write_array_header_1_0(f, header)
+        f.write(head.getvalue())
         for block in blocks:
-            f.write(np.ascontiguousarray(block).data)
+            data = np.ascontiguousarray(block).data
+            digest.update(data)
+            f.write(data)
 
     atomic_write(path, write)
+    return digest.hexdigest()
 
 
 def _read_manifest(path: Path) -> dict:
     if not path.is_dir():
         raise ValueError(f"{path}: not a jsnmf activation store (no such directory)")
     manifest = read_manifest(path / MANIFEST, format=FORMAT_NAME, version=FORMAT_VERSION,
-                             what="jsnmf activation store", required=_REQUIRED_KEYS)
+                             what="jsnmf activation store", required=_REQUIRED_KEYS, types=_TYPES)
     _check_chunks(manifest, path)
     return manifest
 
 
 def _check_chunks(manifest: dict, path: Path) -> None:
     expected_start = 0
-    for start, stop in manifest["chunks"]:
+    for entry in manifest["chunks"]:
+        if not (isinstance(entry, list) and len(entry) == 2
+                and all(isinstance(n, int) and not isinstance(n, bool) for n in entry)):
+            raise corrupt(path, f"a chunk is {entry!r}, expected a pair of token numbers [start, stop]", MANIFEST)
+        start, stop = entry
         if start != expected_start or stop <= start:
             raise ValueError(f"{path}: corrupt manifest, chunk bounds are not contiguous at token {start}")
         expected_start = stop
@@ -138,6 +163,43 @@ def _check_chunks(manifest: dict, path: Path) -> None:
         raise ValueError(
             f"{path}: corrupt manifest, chunks cover {expected_start} tokens, n_tokens says {manifest['n_tokens']}"
         )
+
+
+def _load_npy(file: Path, mmap_mode: str | None = None) -> np.ndarray:
+    """``np.load`` of a chunk file (no pickles); a truncated or unreadable file is a ValueError naming it."""
+    try:
+        return np.load(file, mmap_mode=mmap_mode, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:  # mmap: "mmap length is greater than file size"
+        raise ValueError(f"{file}: unreadable or truncated chunk file ({err})") from None
+
+
+_VERIFIED: set[tuple] = set()  # (path, device, inode, size, mtime_ns, sha256) of files verified in this process
+_VERIFIED_LOCK = threading.Lock()
+
+
+def verify_file(file: Path, expected_sha256: str) -> None:
+    """Raise ValueError naming ``file`` unless its bytes have the sha256 ``expected_sha256``.
+
+    Each version of a file (inode, size, mtime) is hashed once per process; later calls are a ``stat``.
+    """
+    try:
+        info = os.stat(file)
+    except OSError as err:
+        raise ValueError(f"{file}: unreadable chunk file ({err.strerror})") from None
+    key = (str(file), info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, expected_sha256)
+    with _VERIFIED_LOCK:
+        if key in _VERIFIED:
+            return
+    try:
+        with open(file, "rb") as f:
+            actual = hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError as err:
+        raise ValueError(f"{file}: unreadable chunk file ({err.strerror})") from None
+    if actual != expected_sha256:
+        raise ValueError(f"{file}: checksum mismatch, the file is damaged or was changed after it was "
+                         f"written (sha256 {actual[:16]}..., the manifest records {expected_sha256[:16]}...)")
+    with _VERIFIED_LOCK:
+        _VERIFIED.add(key)
 
 
 class _Lock:
@@ -317,15 +379,23 @@ class ActivationStore:
         if index is None:
             return None
         path = self.chunk_path(layer, index)
-        with open(path, "rb") as f:  # the .npy header: the data follows it
-            version = np.lib.format.read_magic(f)
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
-                np.lib.format.read_array_header_2_0
-            shape, fortran, dtype = read_header(f)
-            offset = f.tell()
+        self._verify(path)
+        try:
+            with open(path, "rb") as f:  # the .npy header: the data follows it
+                version = np.lib.format.read_magic(f)
+                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                    np.lib.format.read_array_header_2_0
+                shape, fortran, dtype = read_header(f)
+                offset = f.tell()
+                size = os.fstat(f.fileno()).st_size
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{path}: unreadable chunk file ({err})") from None
         if tuple(shape) != (stop - start, self.d_mlp) or fortran or dtype != DISK_DTYPES[self.dtype]:
             raise ValueError(f"{path}: expected a C-ordered {DISK_DTYPES[self.dtype]} array of shape "
                              f"{(stop - start, self.d_mlp)}, found {dtype} {shape}")
+        if offset + (stop - start) * self.d_mlp * dtype.itemsize > size:
+            raise ValueError(f"{path}: truncated chunk file ({size} bytes, its header needs "
+                             f"{offset + (stop - start) * self.d_mlp * dtype.itemsize})")
         return path, offset
 
     @functools.cached_property
@@ -335,7 +405,8 @@ class ActivationStore:
     def _load_chunk(self, layer: int, index: int) -> np.ndarray:
         start, stop = self.manifest["chunks"][index]
         file = self.chunk_path(layer, index)
-        array = np.load(file, mmap_mode="r", allow_pickle=False)
+        self._verify(file)
+        array = _load_npy(file, mmap_mode="r")
         if array.shape != (stop - start, self.d_mlp) or array.dtype != DISK_DTYPES[self.dtype]:
             raise ValueError(
                 f"{file}: expected {DISK_DTYPES[self.dtype]} of shape {(stop - start, self.d_mlp)}, "
@@ -354,6 +425,20 @@ class ActivationStore:
             for p in paths:
                 if not p.is_file():
                     raise ValueError(f"{self.path}: damaged store, committed chunk file {p} is missing")
+                self._check_inside(p)
+
+    def _check_inside(self, file: Path) -> None:
+        """Refuse a chunk file that is a link leading out of the store (it would read another store's data)."""
+        if file.is_symlink() and not file.resolve().is_relative_to(self.path):
+            raise ValueError(f"{file}: a symbolic link to {file.resolve()}, outside the store {self.path}; "
+                             "chunk files must lie inside the store")
+
+    def _verify(self, file: Path) -> None:
+        """Check ``file`` against the manifest's sha256 (once per process and file version; see the module doc)."""
+        self._check_inside(file)
+        expected = self.manifest.get("checksums", {}).get(file.relative_to(self.path).as_posix())
+        if expected is not None:
+            verify_file(file, expected)
 
     # -- token metadata
 
@@ -362,7 +447,8 @@ class ActivationStore:
         parts = []
         for index, (start, stop) in enumerate(self.manifest["chunks"]):
             file = self.path / TOKENS_DIR / _chunk_name(index)
-            part = np.load(file, allow_pickle=False)
+            self._verify(file)
+            part = _load_npy(file)
             if part.shape != (stop - start, len(TOKEN_COLUMNS)) or part.dtype != np.int32:
                 expected = (stop - start, len(TOKEN_COLUMNS))
                 raise ValueError(f"{file}: expected int32 of shape {expected}, found {part.dtype} {part.shape}")
@@ -647,13 +733,14 @@ class StoreWriter:
 
     def _write_chunk(self, index: int, start: int, n: int, blocks: dict, tokens: list) -> None:
         """(Commit thread) Write chunk ``index``'s files, then list it in the manifest: the commit point."""
-        for layer in self._layers:
-            _atomic_save_npy(self.path / _layer_dir(layer) / _chunk_name(index), blocks[layer])
-        _atomic_save_npy(self.path / TOKENS_DIR / _chunk_name(index), tokens)
+        checksums = dict(self.manifest.get("checksums", {}))
+        for directory, rows in [*((_layer_dir(layer), blocks[layer]) for layer in self._layers), (TOKENS_DIR, tokens)]:
+            name = f"{directory}/{_chunk_name(index)}"
+            checksums[name] = _atomic_save_npy(self.path / name, rows)
         for directory in [*(_layer_dir(layer) for layer in self._layers), TOKENS_DIR]:
             _fsync_dir(self.path / directory)
         manifest = {**self.manifest, "chunks": [*self.manifest["chunks"], [start, start + n]],
-                    "n_tokens": start + n, "updated": _now()}
+                    "n_tokens": start + n, "updated": _now(), "checksums": checksums}
         atomic_write_json(self.path / MANIFEST, manifest)
         self.manifest = manifest  # one assignment: readers of n_committed never see half an update
 

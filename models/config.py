@@ -117,6 +117,14 @@ def _require(raw: Mapping[str, Any], key: str, source: str) -> Any:
     return raw[key]
 
 
+def _positive(raw: Mapping[str, Any], key: str, source: str) -> int:
+    """The required setting ``key`` as a positive integer (sizes are divided by, so 0 is refused here)."""
+    value = _require(raw, key, source)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value <= 0:
+        raise ValueError(f"{source}: {key} must be a positive integer, got {value!r}")
+    return int(value)
+
+
 def _reject_if(condition: bool, source: str, message: str) -> None:
     if condition:
         raise ValueError(f"{source}: unsupported configuration: {message}")
@@ -144,8 +152,8 @@ def _gpt2(raw: Mapping[str, Any], source: str) -> ModelConfig:
     _reject_if(bool(raw.get("reorder_and_upcast_attn")), source, "reorder_and_upcast_attn=true")
     _reject_if(bool(raw.get("add_cross_attention")), source, "add_cross_attention=true")
     _reject_if(raw.get("tie_word_embeddings", True) is False, source, "GPT-2 with untied embeddings")
-    d_model = int(_require(raw, "n_embd", source))
-    n_heads = int(_require(raw, "n_head", source))
+    d_model = _positive(raw, "n_embd", source)
+    n_heads = _positive(raw, "n_head", source)
     if d_model % n_heads:
         raise ValueError(f"{source}: n_embd={d_model} is not divisible by n_head={n_heads}")
     head_dim = d_model // n_heads
@@ -260,7 +268,7 @@ def _llamalike(raw: Mapping[str, Any], source: str, model_type: str) -> ModelCon
     _reject_if(bool(raw.get("use_bidirectional_attention")), source, "use_bidirectional_attention=true")
     _reject_if(int(raw.get("pretraining_tp", 1) or 1) != 1, source, "pretraining_tp != 1")
     d_model = int(_require(raw, "hidden_size", source))
-    n_heads = int(_require(raw, "num_attention_heads", source))
+    n_heads = _positive(raw, "num_attention_heads", source)
     n_kv_heads = int(raw.get("num_key_value_heads") or n_heads)
     if n_heads % n_kv_heads:
         raise ValueError(f"{source}: num_attention_heads={n_heads} is not a multiple of num_key_value_heads={n_kv_heads}")

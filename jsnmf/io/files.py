@@ -6,6 +6,7 @@ corpora all go through :func:`atomic_write`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -19,15 +20,41 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], Any], *, tmp_name: str
     """Write ``path`` through ``write(file)`` under a temporary name, fsync, then rename over it.
 
     ``tmp_name`` defaults to ``<name>.tmp``; writers that may race (several hosts sharing a file
-    system) pass a name of their own.
+    system) pass a name of their own. A failed write (a full disk, for example) removes the temporary file and raises the OSError
+    with the file's name in it.
     """
     path = Path(path)
     tmp = path.with_name(tmp_name or path.name + TMP_SUFFIX)
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(err, OSError) and err.filename is None:
+            raise with_filename(err, path) from err
+        raise
+
+
+def with_filename(err: OSError, path: os.PathLike | str) -> OSError:
+    """``err`` again (same errno, so the same OSError subclass) naming ``path``."""
+    return OSError(err.errno, err.strerror or str(err), str(path))
+
+
+def is_live_pid(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this host (owners of temporaries named after their writer's pid)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by someone else
+        return True
+    return True
 
 
 def atomic_write_json(path: Path, value: Any, *, private: bool = False) -> None:
