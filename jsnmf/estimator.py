@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jsnmf import __version__
 from jsnmf.blas import single_threaded_lapack
 from jsnmf.checkpoint import FitCheckpointer, data_fingerprint, fingerprint_rows, problem_manifest
 from jsnmf.distributed import ShardedRows, replicate, replicated_value, sample_rows
@@ -29,8 +27,8 @@ from jsnmf.fit.loop import fit as fit_loop
 from jsnmf.fit.starts import initial_factors, sharded_initial_factors
 from jsnmf.fit.stream import StreamedFit
 from jsnmf.io.codes import codes_directory
-from jsnmf.io.files import atomic_write_json
-from jsnmf.io.manifest import INTEGER, NUMBER, corrupt, read_manifest
+from jsnmf.io.manifest import corrupt
+from jsnmf.io.saved import MANIFEST, read_saved, write_saved
 from jsnmf.io.sources import make_plan
 from jsnmf.kernels.fit import SolverConfig, solve_codes
 from jsnmf.fit.starts import INITIALIZERS
@@ -39,10 +37,6 @@ from jsnmf.kernels.solvers import solver_names
 from jsnmf.kernels.steps import chunk_statistics, keep_count, matmul_f32
 from jsnmf.validation import validate_matrix
 
-CHECKPOINT_FORMAT = "jsnmf.SNMF"
-CHECKPOINT_VERSION = 1
-MANIFEST = "manifest.json"
-ARRAYS = "arrays"
 
 
 
@@ -384,63 +378,40 @@ class SNMF:
     # -- checkpoints ----------------------------------------------------------------------------
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the fitted factors with orbax and a JSON manifest into directory ``path``.
-
-        Written beside ``path`` and renamed into place, so a kill never leaves a half checkpoint.
-        """
-        import orbax.checkpoint as ocp
-
+        """Write the fitted factors with orbax and a JSON manifest into directory ``path``
+        (:mod:`jsnmf.io.saved`). Written beside ``path`` and renamed into place, so a kill never leaves
+        a half checkpoint."""
         self._check_fitted("save")
-        path = Path(path).absolute()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staging = path.parent / f".{path.name}.tmp-{os.getpid()}"
-        if staging.exists():
-            shutil.rmtree(staging)
-        staging.mkdir()
-        arrays = {"features": self.features_, "codes": self.codes_, "loss_history": self.loss_history_}
-        checkpointer = ocp.StandardCheckpointer()
-        checkpointer.save(staging / ARRAYS, arrays)
-        checkpointer.wait_until_finished()
         params = self.get_params()
         if not isinstance(params["init"], str):
             params["init"] = "arrays"
-        manifest = {
-            "format": CHECKPOINT_FORMAT,
-            "format_version": CHECKPOINT_VERSION,
-            "jsnmf_version": __version__,
-            "params": params,
-            "shapes": {name: list(np.shape(a)) for name, a in arrays.items()},
-            "dtypes": {name: str(np.asarray(a).dtype) for name, a in arrays.items()},
-            "n_iter": self.n_iter_,
-            "n_features_in": self.n_features_in_,
-            "reconstruction_err": self.reconstruction_err_,
-            "relative_error": self.relative_error_,
-        }
-        atomic_write_json(staging / MANIFEST, manifest)
-        _replace_directory(staging, path)
-        return path
+        arrays = {"features": self.features_, "codes": self.codes_, "loss_history": self.loss_history_}
+        facts = {"n_iter": self.n_iter_, "n_features_in": self.n_features_in_,
+                 "reconstruction_err": self.reconstruction_err_, "relative_error": self.relative_error_}
+        return write_saved(path, params, arrays, facts)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "SNMF":
         """Read a checkpoint written by :meth:`save`; a manifest or arrays that do not fit together
         raise one ValueError naming the checkpoint and the problem."""
         path = Path(path).absolute()
-        manifest = read_manifest(path / MANIFEST, format=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION,
-                                 what="jsnmf SNMF checkpoint", missing_what="jsnmf checkpoint",
-                                 required=_LOAD_REQUIRED, types=_LOAD_TYPES)
-        shapes = _checked_shapes(manifest, path)
+        saved = read_saved(path)
+        # settings this jsnmf no longer takes (runtime settings saved by older versions) are left out
+        params = {name: value for name, value in saved.params.items() if name in cls._param_names()}
+        if params.get("init") == "arrays":
+            params["init"] = "random"
         try:
-            model = cls(**_loadable_params(manifest["params"], path))
+            model = cls(**params)
         except (TypeError, ValueError) as err:
             raise corrupt(path, f"its params are not valid SNMF settings ({err})", MANIFEST) from None
-        arrays = _restore_arrays(path, shapes)
+        arrays = saved.restore()
         model.features_ = arrays["features"]
         model.codes_ = arrays["codes"]
         model.loss_history_ = arrays["loss_history"]
-        model.n_iter_ = int(manifest["n_iter"])
-        model.n_features_in_ = int(manifest["n_features_in"])
-        model.reconstruction_err_ = float(manifest["reconstruction_err"])
-        model.relative_error_ = float(manifest["relative_error"])
+        model.n_iter_ = int(saved.facts["n_iter"])
+        model.n_features_in_ = int(saved.facts["n_features_in"])
+        model.reconstruction_err_ = float(saved.facts["reconstruction_err"])
+        model.relative_error_ = float(saved.facts["relative_error"])
         return model
 
     def __repr__(self) -> str:
@@ -466,72 +437,3 @@ def check_runtime(*, mesh: Any = None, chunk_tokens: int | None = None, codes_on
     for name, value in (("checkpoint_every", checkpoint_every), ("max_to_keep", max_to_keep)):
         if not (isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1):
             raise ValueError(f"{name} must be a positive integer; got {value!r}")
-
-
-_LOAD_REQUIRED = ("params", "shapes", "n_iter", "n_features_in", "reconstruction_err", "relative_error")
-_LOAD_TYPES = {"params": dict, "shapes": dict, "dtypes": dict, "n_iter": INTEGER, "n_features_in": INTEGER,
-               "reconstruction_err": NUMBER, "relative_error": NUMBER}
-_ARRAY_RANKS = {"features": 2, "codes": 2, "loss_history": 1}  # the arrays of a checkpoint, their ndim
-
-
-def _checked_shapes(manifest: dict, path: Path) -> dict[str, tuple[int, ...]]:
-    """The manifest's ``shapes``, checked against each other, ``params.rank`` and ``n_features_in``."""
-    shapes = manifest["shapes"]
-    if set(shapes) != set(_ARRAY_RANKS):
-        raise corrupt(path, f"'shapes' names {sorted(shapes)}, expected {sorted(_ARRAY_RANKS)}", MANIFEST)
-    for name, ndim in _ARRAY_RANKS.items():
-        shape = shapes[name]
-        if not (isinstance(shape, list) and len(shape) == ndim
-                and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)):
-            raise corrupt(path, f"shape of {name!r} is {shape!r}, expected {ndim} non-negative integers", MANIFEST)
-    rank = manifest["params"].get("rank")
-    (d, k_features), (_, k_codes) = shapes["features"], shapes["codes"]
-    if not rank == k_features == k_codes:
-        raise corrupt(path, f"rank {rank!r} does not match the shapes of features {shapes['features']} and "
-                            f"codes {shapes['codes']}", MANIFEST)
-    if manifest["n_features_in"] != d:
-        raise corrupt(path, f"n_features_in {manifest['n_features_in']} does not match features "
-                            f"{shapes['features']}", MANIFEST)
-    return {name: tuple(shape) for name, shape in shapes.items()}
-
-
-def _loadable_params(params: dict, path: Path) -> dict:
-    """The constructor's keyword arguments from a manifest's ``params`` (settings this jsnmf no longer
-    takes are left out; an ``init`` that was arrays becomes ``"random"``)."""
-    known = set(SNMF._param_names())
-    params = {name: value for name, value in params.items() if name in known}
-    if params.get("init") == "arrays":
-        params["init"] = "random"
-    return params
-
-
-def _restore_arrays(path: Path, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
-    """The checkpoint's arrays (orbax), each with the shape the manifest gives."""
-    import orbax.checkpoint as ocp
-
-    where = path / ARRAYS
-    if not where.is_dir():
-        raise ValueError(f"{path}: damaged jsnmf SNMF checkpoint, {where.name}/ is missing")
-    try:
-        with ocp.StandardCheckpointer() as checkpointer:
-            arrays = checkpointer.restore(where)
-    except Exception as err:  # noqa: BLE001 - orbax/tensorstore raise many kinds; all mean unreadable
-        raise ValueError(f"{where}: unreadable checkpoint arrays ({type(err).__name__}: {err})") from None
-    if not isinstance(arrays, dict) or set(arrays) != set(shapes):
-        found = sorted(arrays) if isinstance(arrays, dict) else type(arrays).__name__
-        raise ValueError(f"{where}: holds arrays {found}, expected {sorted(shapes)}")
-    for name, shape in shapes.items():
-        if tuple(np.shape(arrays[name])) != shape:
-            raise ValueError(f"{where}: array {name!r} has shape {np.shape(arrays[name])}, {MANIFEST} says {list(shape)}")
-    return {name: np.asarray(array) for name, array in arrays.items()}
-
-
-def _replace_directory(staging: Path, path: Path) -> None:
-    """Move a finished ``staging`` directory to ``path``, replacing what is there."""
-    if path.exists():
-        retired = path.parent / f".{path.name}.old-{os.getpid()}"
-        os.replace(path, retired)
-        os.replace(staging, path)
-        shutil.rmtree(retired)
-    else:
-        os.replace(staging, path)
