@@ -84,7 +84,7 @@ def torch_peer(path: Path, batches, layers: list[int]):
 
 def plan_batches(path: Path, corpus: Path, max_length: int, batch_size: int):
     """jsnmf's own batches for this corpus (the same padding buckets extract uses)."""
-    from jsnmf import extract as ex
+    from jsnmf.batches import bos_policy, make_batch, plan_tokens
     from jsnmf.corpus import read_corpus
     from jsnmf.models import load_tokenizer
     from jsnmf.models.gguf import GGUFCheckpoint
@@ -92,10 +92,10 @@ def plan_batches(path: Path, corpus: Path, max_length: int, batch_size: int):
 
     tokenizer = load_tokenizer(path)
     config = config_from_dict(GGUFCheckpoint(path).config)
-    bos = ex._bos_policy(tokenizer, config, None)
-    plan = ex._plan(read_corpus(corpus), tokenizer, bos, max_length, batch_size, True)
+    bos = bos_policy(tokenizer, config, None)
+    plan = plan_tokens(read_corpus(corpus), tokenizer, bos, max_length, batch_size, True)
     longest = max(len(s) for s in plan.sequences)
-    return [ex._make_batch(plan, b, 0, longest) for b in range(plan.n_batches)], plan.n_tokens
+    return [make_batch(plan, b, 0, longest) for b in range(plan.n_batches)], plan.n_tokens
 
 
 def jsnmf_run(path: Path, corpus: Path, layers, args, out: Path):
@@ -103,7 +103,7 @@ def jsnmf_run(path: Path, corpus: Path, layers, args, out: Path):
     import jsnmf.extract as ex
 
     seconds = {}
-    original = ex._run
+    original = ex.run_batches
 
     def timed(*a, **k):
         t0 = time.perf_counter()
@@ -112,14 +112,14 @@ def jsnmf_run(path: Path, corpus: Path, layers, args, out: Path):
         finally:
             seconds["loop"] = time.perf_counter() - t0
 
-    ex._run = timed
+    ex.run_batches = timed
     try:
         t0 = time.perf_counter()
         store = ex.extract(path, corpus, out, layers=layers, max_length=args.max_length, batch_size=args.batch_size,
                            resume=False, progress=False)
         close = time.perf_counter() - t0
     finally:
-        ex._run = original
+        ex.run_batches = original
     return store.manifest["n_tokens_expected"], seconds["loop"], close
 
 

@@ -2,9 +2,9 @@
 
 One forward pass captures every requested layer (it stops after the last one). Documents are
 tokenized with the model's own tokenizer, the BOS prepended as the paper does for every family
-(TransformerLens' ``prepend_bos``; ``add_bos`` changes that), truncated to ``max_length``, batched in document order (``batch_size`` documents per batch), right
-padded to a bucketed length (powers of two from 8, capped at the corpus's longest sequence) so the
-jit-compiled forward compiles only a handful of times, and the activations of real tokens (no padding; no BOS unless
+(TransformerLens' ``prepend_bos``; ``add_bos`` changes that), truncated to ``max_length``, batched in
+document order (``batch_size`` documents per batch) and right padded to a bucketed length
+(:mod:`jsnmf.batches`), and the activations of real tokens (no padding; no BOS unless
 ``drop_bos=False``) are appended to the store in document order.
 
 Resumable: batches are a pure function of the corpus and the settings, and the store commits
@@ -19,7 +19,6 @@ mid-way. It has no other effect.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import logging
@@ -38,14 +37,14 @@ from jsnmf import models
 from jsnmf.corpus import Corpus, read_corpus
 from jsnmf.models.loading import resolve_checkpoint_dir
 from jsnmf.dtypes import DTYPES
+from jsnmf.batches import Batch, BosPolicy, TokenPlan, bos_policy, bucket_length, make_batch, plan_tokens
 from jsnmf.store import MANIFEST, ActivationStore, check_dtype, remove_store
 
-__all__ = ["extract", "bucket_length", "STORE_CHUNK_TOKENS"]
+__all__ = ["extract", "run_batches", "bucket_length", "STORE_CHUNK_TOKENS"]
 
 log = logging.getLogger(__name__)
 
 STORE_CHUNK_TOKENS = 4096  # tokens per chunk file of the store (a streamed fit reads one at a time)
-_MIN_BUCKET = 8
 _SLEEP_ENV = "JSNMF_EXTRACT_SLEEP_PER_BATCH"
 # Bump when batching, padding or token selection changes: a store started by another version is
 # then not resumed (its remaining chunks would not match).
@@ -96,8 +95,8 @@ def extract(
         raise ValueError(
             f"max_length={max_length} exceeds the model's {config.max_position_embeddings} positions"
         )
-    bos = _bos_policy(tokenizer, config, add_bos)
-    plan = _plan(corpus, tokenizer, bos, max_length, batch_size, drop_bos)
+    bos = bos_policy(tokenizer, config, add_bos)
+    plan = plan_tokens(corpus, tokenizer, bos, max_length, batch_size, drop_bos)
     if plan.n_tokens == 0:
         raise ValueError(
             f"{corpus.path}: no tokens to extract after dropping BOS "
@@ -113,7 +112,7 @@ def extract(
     if writer is None:  # the store in out_dir is already complete
         return ActivationStore.open(out_dir)
     try:
-        _run(model, plan, writer, layers, dtype, progress)
+        run_batches(model, plan, writer, layers, dtype, progress)
         return writer.close()
     finally:
         writer.abort()
@@ -144,115 +143,6 @@ def _check_layers(layers: list[int], config) -> None:
             f"layers {bad} are out of range: the {config.model_type} model has n_layers={config.n_layers} "
             f"(valid layers 0..{config.n_layers - 1})"
         )
-
-
-@dataclasses.dataclass(frozen=True)
-class _BosPolicy:
-    token_id: int | None
-    tokenizer_adds: bool  # what the tokenizer does by itself
-    present: bool  # whether sequences start with BOS after the policy
-
-
-def _bos_policy(tokenizer, config, add_bos: bool | None) -> _BosPolicy:
-    bos_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else config.bos_token_id
-    with_special = tokenizer("a")["input_ids"]
-    without = tokenizer("a", add_special_tokens=False)["input_ids"]
-    adds = bos_id is not None and len(with_special) > len(without) and with_special[0] == bos_id
-    if add_bos and bos_id is None:
-        raise ValueError("add_bos=True (the default: BOS prepended as the paper does) but neither the tokenizer "
-                         "nor the model config defines a BOS token; pass add_bos=None (CLI: --no-bos)")
-    present = adds if add_bos is None else bool(add_bos)
-    return _BosPolicy(token_id=None if bos_id is None else int(bos_id), tokenizer_adds=adds, present=present)
-
-
-# ---------------------------------------------------------------- tokenization and batches
-
-
-@dataclasses.dataclass
-class _Plan:
-    """Everything about the run that follows from the corpus and settings alone."""
-
-    sequences: list[np.ndarray]  # token ids per document (with BOS if present), truncated
-    keep_from: int  # first position kept in each sequence (1 when BOS is dropped)
-    batch_size: int
-    batch_token_starts: np.ndarray  # index of each batch's first kept token; last entry = n_tokens
-    label_index: np.ndarray  # per document
-    n_truncated: int
-    bos_dropped: bool
-
-    @property
-    def n_tokens(self) -> int:
-        return int(self.batch_token_starts[-1])
-
-    @property
-    def n_batches(self) -> int:
-        return len(self.batch_token_starts) - 1
-
-    def batch_documents(self, batch: int) -> range:
-        start = batch * self.batch_size
-        return range(start, min(start + self.batch_size, len(self.sequences)))
-
-
-def _plan(corpus: Corpus, tokenizer, bos: _BosPolicy, max_length: int, batch_size: int, drop_bos: bool) -> _Plan:
-    sequences, n_truncated = _tokenize(corpus.texts, tokenizer, bos, max_length)
-    bos_dropped = drop_bos and bos.present
-    keep_from = 1 if bos_dropped else 0
-    kept = np.array([max(len(s) - keep_from, 0) for s in sequences], np.int64)
-    per_batch = [kept[i : i + batch_size].sum() for i in range(0, len(kept), batch_size)]
-    label_of = {label: i for i, label in enumerate(corpus.labels)}
-    labels = np.array([label_of.get(d.label, -1) for d in corpus.documents], np.int32)
-    return _Plan(sequences, keep_from, batch_size, np.concatenate([[0], np.cumsum(per_batch)]).astype(np.int64),
-                 labels, n_truncated, bos_dropped)
-
-
-def _tokenize(texts: list[str], tokenizer, bos: _BosPolicy, max_length: int) -> tuple[list[np.ndarray], int]:
-    sequences, n_truncated = [], 0
-    for start in range(0, len(texts), 256):
-        for ids in tokenizer(texts[start : start + 256])["input_ids"]:
-            if bos.present and not bos.tokenizer_adds:
-                ids = [bos.token_id, *ids]
-            elif bos.tokenizer_adds and not bos.present:
-                ids = ids[1:]
-            n_truncated += len(ids) > max_length
-            sequences.append(np.asarray(ids[:max_length], np.int32))
-    return sequences, n_truncated
-
-
-def bucket_length(n: int, max_length: int) -> int:
-    """The padded length for a batch whose longest sequence has ``n`` tokens: the next power of two
-    (at least 8), capped at ``max_length``."""
-    return min(max(_MIN_BUCKET, 1 << max(n - 1, 0).bit_length()), max_length)
-
-
-@dataclasses.dataclass
-class _Batch:
-    input_ids: np.ndarray  # (batch_size, length) int32, right padded
-    attention_mask: np.ndarray  # (batch_size, length) int32
-    rows: np.ndarray  # (n_kept,) row of each kept token
-    cols: np.ndarray  # (n_kept,) position of each kept token
-    token_ids: np.ndarray
-    doc_index: np.ndarray
-    label_index: np.ndarray
-
-
-def _make_batch(plan: _Plan, batch: int, pad_id: int, longest: int) -> _Batch:
-    docs = plan.batch_documents(batch)
-    length = bucket_length(max(len(plan.sequences[d]) for d in docs), longest)
-    # Always batch_size rows (filler rows hold one pad token) so the last batch compiles nothing new.
-    input_ids = np.full((plan.batch_size, length), pad_id, np.int32)
-    mask = np.zeros((plan.batch_size, length), np.int32)
-    mask[:, 0] = 1
-    rows, cols, doc_index = [], [], []
-    for row, doc in enumerate(docs):
-        seq = plan.sequences[doc]
-        input_ids[row, : len(seq)] = seq
-        mask[row, : len(seq)] = 1
-        positions = np.arange(plan.keep_from, len(seq))
-        rows.append(np.full(len(positions), row))
-        cols.append(positions)
-        doc_index.append(np.full(len(positions), doc))
-    rows, cols, doc_index = (np.concatenate(x).astype(np.int32) for x in (rows, cols, doc_index))
-    return _Batch(input_ids, mask, rows, cols, input_ids[rows, cols], doc_index, plan.label_index[doc_index])
 
 
 # ---------------------------------------------------------------- the store
@@ -292,7 +182,7 @@ def _file_sha256(path: Path) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
 
 
-def _bos_record(bos: _BosPolicy, add_bos: bool | None, plan: _Plan) -> dict:
+def _bos_record(bos: BosPolicy, add_bos: bool | None, plan: TokenPlan) -> dict:
     """What was done about BOS, in words a reader of the manifest needs: the policy asked for, whether
     jsnmf prepended a BOS or removed the tokenizer's, and what was dropped from ``X``."""
     policy = {True: "prepend", None: "tokenizer", False: "none"}[None if add_bos is None else bool(add_bos)]
@@ -353,7 +243,7 @@ def _manifest_meta(model_path_or_id, model_dir: Path, config, tokenizer, corpus,
 # ---------------------------------------------------------------- the loop
 
 
-def _run(model, plan: _Plan, writer, layers: list[int], dtype: str, progress: bool) -> None:
+def run_batches(model, plan: TokenPlan, writer, layers: list[int], dtype: str, progress: bool) -> None:
     committed = writer.n_committed
     if committed >= plan.n_tokens:
         return
@@ -367,7 +257,7 @@ def _run(model, plan: _Plan, writer, layers: list[int], dtype: str, progress: bo
     # fast where NumPy's float32 -> float16 is slow (both round to nearest even: same bits).
     cast_on_device = DTYPES[dtype].itemsize < np.dtype(model.dtype).itemsize
 
-    def forward(batch: _Batch):
+    def forward(batch: Batch):
         out = model(batch.input_ids, attention_mask=batch.attention_mask, capture=layers,
                     stop_at_layer=max(layers) + 1)  # runs blocks 0..max(layers) only
         acts = tuple(out.mlp_activations[layer] for layer in layers)
@@ -384,7 +274,7 @@ def _run(model, plan: _Plan, writer, layers: list[int], dtype: str, progress: bo
         # batch is copied to the host and handed to the store (which commits in its own thread).
         pending = None
         for b in range(first, plan.n_batches):
-            batch = _make_batch(plan, b, pad_id, longest)
+            batch = make_batch(plan, b, pad_id, longest)
             current = (batch, forward(batch))
             if pending is not None:
                 _write_batch(writer, *pending, layers, dtype, skip, bar)
@@ -405,7 +295,7 @@ def _cast_and_max_abs(acts: tuple, keep: jax.Array, dtype: str):
     return tuple(a.astype(dtype) for a in acts), max_abs
 
 
-def _write_batch(writer, batch: _Batch, device_out, layers: list[int], dtype: str, skip: int, bar) -> None:
+def _write_batch(writer, batch: Batch, device_out, layers: list[int], dtype: str, skip: int, bar) -> None:
     activations, max_abs = device_out
     if max_abs is not None:
         _check_range(np.asarray(max_abs), layers, dtype, batch)
@@ -418,7 +308,7 @@ def _write_batch(writer, batch: _Batch, device_out, layers: list[int], dtype: st
     bar.update(len(batch.rows) - skip)
 
 
-def _check_range(max_abs: np.ndarray, layers: list[int], dtype: str, batch: _Batch) -> None:
+def _check_range(max_abs: np.ndarray, layers: list[int], dtype: str, batch: Batch) -> None:
     """Say which layer overflows the store dtype (or is not finite), before the store sees infinities."""
     info = ml_dtypes.finfo(DTYPES[dtype])
     overflow_at = float(info.max) * (1 + 2.0 ** -(info.nmant + 1))  # rounds to inf from here on
