@@ -19,7 +19,8 @@ import numpy as np
 
 from jsnmf import __version__
 from jsnmf.blas import single_threaded_lapack
-from jsnmf.checkpoint import FitCheckpointer, data_fingerprint, fingerprint_rows, problem_manifest
+from jsnmf.checkpoint import (FitCheckpointer, array_digest, check_digests, data_fingerprint, fingerprint_rows,
+                              problem_manifest)
 from jsnmf.distributed import ShardedRows, replicate, replicated_value, sample_rows
 from jsnmf.dtypes import DTYPES
 from jsnmf.fit.arrays import ArrayBackend, Limits, active_mesh, sharded_rows
@@ -28,7 +29,7 @@ from jsnmf.fit.loop import fit as fit_loop
 from jsnmf.fit.starts import initial_factors, sharded_initial_factors
 from jsnmf.fit.stream import StreamedFit
 from jsnmf.io.codes import codes_directory
-from jsnmf.io.files import atomic_write_json
+from jsnmf.io.files import atomic_write_json, is_live_pid
 from jsnmf.io.manifest import INTEGER, NUMBER, corrupt, read_manifest
 from jsnmf.io.sources import make_plan
 from jsnmf.kernels.fit import SolverConfig, solve_codes
@@ -389,21 +390,33 @@ class SNMF:
     def save(self, path: str | os.PathLike) -> Path:
         """Write the fitted factors with orbax and a JSON manifest into directory ``path``.
 
-        Written beside ``path`` and renamed into place, so a kill never leaves a half checkpoint.
+        Written beside ``path`` and renamed into place, so a kill never leaves a half checkpoint; the
+        manifest records the sha256 of each array (``checksums``), which :meth:`load` verifies.
         """
-        import orbax.checkpoint as ocp
-
         self._check_fitted("save")
         path = Path(path).absolute()
         path.parent.mkdir(parents=True, exist_ok=True)
-        staging = path.parent / f".{path.name}.tmp-{os.getpid()}"
+        _remove_stale_staging(path)
+        staging = path.parent / f".{path.name}{_STAGING}{os.getpid()}"
         if staging.exists():
             shutil.rmtree(staging)
-        staging.mkdir()
+        try:
+            staging.mkdir()
+            self._write_checkpoint(staging)
+            _replace_directory(staging, path)
+        except BaseException:  # a full disk, an interrupt: leave no staging folder behind
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return path
+
+    def _write_checkpoint(self, staging: Path) -> None:
+        """The arrays (orbax) and the manifest of :meth:`save` into the folder ``staging``."""
+        import orbax.checkpoint as ocp
+
         arrays = {"features": self.features_, "codes": self.codes_, "loss_history": self.loss_history_}
-        checkpointer = ocp.StandardCheckpointer()
-        checkpointer.save(staging / ARRAYS, arrays)
-        checkpointer.wait_until_finished()
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(staging / ARRAYS, arrays)
+            checkpointer.wait_until_finished()
         params = self.get_params()
         if not isinstance(params["init"], str):
             params["init"] = "arrays"
@@ -421,10 +434,9 @@ class SNMF:
             "n_features_in": self.n_features_in_,
             "reconstruction_err": self.reconstruction_err_,
             "relative_error": self.relative_error_,
+            "checksums": {name: array_digest(np.asarray(a)) for name, a in arrays.items()},
         }
         atomic_write_json(staging / MANIFEST, manifest)
-        _replace_directory(staging, path)
-        return path
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "SNMF":
@@ -440,6 +452,7 @@ class SNMF:
         except (TypeError, ValueError) as err:
             raise corrupt(path, f"its params are not valid SNMF settings ({err})", MANIFEST) from None
         arrays = _restore_arrays(path, shapes)
+        check_digests(arrays, manifest.get("checksums") or {}, path / ARRAYS)
         model.features_ = arrays["features"]
         model.codes_ = arrays["codes"]
         model.loss_history_ = arrays["loss_history"]
@@ -455,7 +468,7 @@ class SNMF:
 
 
 _LOAD_REQUIRED = ("params", "shapes", "n_iter", "n_features_in", "reconstruction_err", "relative_error")
-_LOAD_TYPES = {"params": dict, "shapes": dict, "dtypes": dict, "n_iter": INTEGER, "n_features_in": INTEGER,
+_LOAD_TYPES = {"params": dict, "shapes": dict, "dtypes": dict, "checksums": dict, "n_iter": INTEGER, "n_features_in": INTEGER,
                "reconstruction_err": NUMBER, "relative_error": NUMBER}
 _ARRAY_RANKS = {"features": 2, "codes": 2, "loss_history": 1}  # the arrays of a checkpoint, their ndim
 
@@ -510,6 +523,20 @@ def _restore_arrays(path: Path, shapes: dict[str, tuple[int, ...]]) -> dict[str,
         if tuple(np.shape(arrays[name])) != shape:
             raise ValueError(f"{where}: array {name!r} has shape {np.shape(arrays[name])}, {MANIFEST} says {list(shape)}")
     return {name: np.asarray(array) for name, array in arrays.items()}
+
+
+_STAGING = ".tmp-"  # .<name>.tmp-<pid>: a save in progress; .<name>.old-<pid>: the checkpoint it replaces
+
+
+def _remove_stale_staging(path: Path) -> None:
+    """Remove what saves into ``path`` killed (or failed without cleaning up) left: staging folders of
+    processes that no longer run. A live writer's folder is left alone."""
+    for entry in path.parent.glob(f".{path.name}.*-*"):
+        kind, _, pid = entry.name[len(path.name) + 2:].rpartition("-")
+        if kind in ("tmp", "old") and pid.isdigit() and (int(pid) == os.getpid() or not is_live_pid(int(pid))):
+            if kind == "old" and not path.exists():
+                continue  # killed between its two renames: the old checkpoint is the only one; keep it
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def _replace_directory(staging: Path, path: Path) -> None:

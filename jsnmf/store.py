@@ -203,15 +203,19 @@ def verify_file(file: Path, expected_sha256: str) -> None:
 
 
 class _Lock:
-    """Advisory exclusive lock on ``<store>/.lock``; released on close or when the process dies."""
+    """Advisory exclusive lock on ``<store>/.lock``; released on close or when the process dies.
 
-    def __init__(self, store_path: Path):
+    Other folders with one writer at a time (a run's ``snmf/``) use it too; ``busy`` is the error
+    when another process holds it.
+    """
+
+    def __init__(self, store_path: Path, busy: str = "another process is writing this store"):
         self._fd = os.open(store_path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(self._fd)
-            raise ValueError(f"{store_path}: another process is writing this store") from None
+            raise ValueError(f"{store_path}: {busy}") from None
 
     def release(self) -> None:
         if self._fd is not None:
