@@ -5,7 +5,9 @@ A checkpoint directory holds::
     problem.json        JSON manifest naming the problem: settings, shape, data fingerprint, source
     <iteration>/        one orbax step per saved iteration (the newest ``max_to_keep`` are kept)
         state/          the fit state (arrays; orbax StandardSave)
-        problem/        the same manifest, so each step describes itself (orbax JsonSave)
+        problem/        the same manifest, so each step describes itself (orbax JsonSave), plus
+                        ``checksums``: the sha256 of each host array of the state (:func:`array_digest`),
+                        verified on restore (steps written before checksums were recorded restore unchecked)
 
 orbax's ``CheckpointManager`` writes each step under a temporary name and renames it when complete,
 so a kill at any moment leaves only complete steps (temporary leftovers are removed on the next
@@ -32,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from jsnmf.io.digests import array_digests, check_digests
 from jsnmf import __version__
 from jsnmf.io.files import atomic_write_json
 from jsnmf.io.manifest import check_manifest, read_manifest
@@ -216,6 +219,15 @@ def _real_rows(G: np.ndarray, row_blocks: np.ndarray | None) -> np.ndarray:
     return np.concatenate([G[start:start + rows] for start, (rows, _) in zip(starts, row_blocks)])
 
 
+def completed_steps(directory: str | os.PathLike) -> list[int]:
+    """The iterations of the complete checkpoints in ``directory`` (orbax renames a step to its number
+    only once it is whole; temporaries carry a suffix)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
+
+
 def _differences(saved: dict, current: dict) -> list[str]:
     return [f"{name} {saved.get(name)!r} (checkpoint) vs {current.get(name)!r} (this fit)"
             for name in IDENTITY if saved.get(name) != current.get(name)]
@@ -289,6 +301,7 @@ class FitCheckpointer:
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target), problem=ocp.args.JsonRestore()))
         self._check_identity(dict(restored.problem), self.directory / str(step))
+        check_digests(dict(restored.state), dict(restored.problem).get("checksums") or {}, self.directory / str(step))
         progress = FitProgress.from_tree(dict(restored.state))
         n, k, d = self.problem["n_tokens"], self.problem["rank"], self.problem["d_mlp"]
         expected = {"G": (n, k), "XtG": (d, k), "GtG": (k, k), "best_F": (d, k),
@@ -321,8 +334,9 @@ class FitCheckpointer:
             before = _orbax_threads()
             try:
                 # orbax copies NumPy arrays before save() returns, so the caller may overwrite its buffers.
+                described = {**self.problem, "checksums": array_digests(tree)}
                 self.manager.save(progress.iteration, force=True, args=ocp.args.Composite(
-                    state=ocp.args.StandardSave(tree), problem=ocp.args.JsonSave(self.problem)))
+                    state=ocp.args.StandardSave(tree), problem=ocp.args.JsonSave(described)))
             except BaseException:
                 _release_orbax_threads(_orbax_threads() - before)
                 raise

@@ -226,9 +226,7 @@ def step_fit(store, layers: list[int] | None, rank: int, settings: dict, snmf_di
     ``snmf_dir/layer_{L:02d}.fitting`` (removed once the layer is saved). ``resume``: continue the
     interrupted fits from their checkpoints and keep the layers already saved with these settings.
     """
-    import shutil
-
-    from jsnmf.estimator import SNMF
+    from jsnmf.io.files import FolderLock
 
     layers = list(store.layers) if layers is None else list(layers)
     missing = [layer for layer in layers if layer not in store.layers]
@@ -236,35 +234,71 @@ def step_fit(store, layers: list[int] | None, rank: int, settings: dict, snmf_di
         raise UserError(f"layer(s) {missing} are not in the store {store.path} (it holds layers {store.layers})")
     if rank > min(store.n_tokens, store.d_mlp):
         raise UserError(f"rank {rank} exceeds min(n_tokens, d_mlp) = {min(store.n_tokens, store.d_mlp)} of the store")
-    fitted = {}
-    for layer in layers:
-        saved_path = RunLayout.of(snmf_dir.parent).fitted(layer, snmf_dir)
-        checkpoint_dir = RunLayout.of(snmf_dir.parent).fitting(layer, snmf_dir)
-        if resume and not checkpoint_dir.exists():
-            finished = _finished_fit(saved_path, rank, settings)
-            if finished is not None:
-                _say(f"layer {layer}: already fitted ({saved_path}); kept")
-                fitted[layer] = finished
-                continue
-        if not resume and checkpoint_dir.exists() and any(checkpoint_dir.iterdir()):
+    snmf_dir.mkdir(parents=True, exist_ok=True)
+    lock = FolderLock(snmf_dir, busy="another jsnmf fit is running on this run folder; wait for it to finish")
+    try:
+        layout = RunLayout.of(snmf_dir.parent)
+        if not resume:  # before any layer is fitted, so that a refusal changes nothing
+            _refuse_interrupted_fits([(layer, layout.fitting(layer, snmf_dir)) for layer in layers])
+        return {layer: _fit_layer(store, layer, rank, settings, layout.fitted(layer, snmf_dir),
+                                  layout.fitting(layer, snmf_dir), progress, resume, checkpoint_every)
+                for layer in layers}
+    finally:
+        lock.release()
+
+
+def _refuse_interrupted_fits(checkpoint_dirs) -> None:
+    """UserError when a layer has complete checkpoints of an earlier fit (``--resume`` continues them)."""
+    from jsnmf.checkpoint import completed_steps
+
+    for layer, checkpoint_dir in checkpoint_dirs:
+        if completed_steps(checkpoint_dir):
             raise UserError(f"layer {layer} has an interrupted fit in {checkpoint_dir}: pass --resume to continue "
                             "it, or delete that directory to start again")
-        model = SNMF(rank, **settings)
-        _say(f"fitting layer {layer}: rank {rank}, {store.n_tokens:,} tokens × {store.d_mlp} neurons"
-             + (" (resuming)" if resume and checkpoint_dir.exists() else ""))
-        started = time.perf_counter()
-        run = dict(checkpoint_dir=checkpoint_dir, resume=resume, progress=progress,
-                   **({} if checkpoint_every is None else {"checkpoint_every": checkpoint_every}))
+
+
+def _fit_layer(store, layer: int, rank: int, settings: dict, saved_path: Path, checkpoint_dir: Path,
+               progress: bool, resume: bool, checkpoint_every: int | None):
+    """Fit one layer (or keep it, ``resume`` and already fitted), save it, remove its checkpoints."""
+    import shutil
+
+    from jsnmf.estimator import SNMF
+
+    if resume and not checkpoint_dir.exists():
+        finished = _finished_fit(saved_path, rank, settings)
+        if finished is not None:
+            _say(f"layer {layer}: already fitted ({saved_path}); kept")
+            return finished
+    model = SNMF(rank, **settings)
+    _say(f"fitting layer {layer}: rank {rank}, {store.n_tokens:,} tokens × {store.d_mlp} neurons"
+         + (" (resuming)" if resume and checkpoint_dir.exists() else ""))
+    started = time.perf_counter()
+    run = dict(checkpoint_dir=checkpoint_dir, resume=resume, progress=progress,
+               **({} if checkpoint_every is None else {"checkpoint_every": checkpoint_every}))
+    try:
         if store.n_tokens * store.d_mlp * 4 <= IN_MEMORY_LIMIT_BYTES:
             model.fit(store.layer_array(layer), **run)
         else:  # streamed from disk, one pass over the chunks per iteration
             model.fit(store, layer=layer, **run)
-        path = model.save(saved_path)
-        shutil.rmtree(checkpoint_dir)  # the saved factors are the result now
-        _say(f"  layer {layer}: relative error {model.relative_error_:.4f} after {model.n_iter_} iterations "
-             f"({time.perf_counter() - started:.1f} s) -> {path}")
-        fitted[layer] = model
-    return fitted
+    except BaseException:
+        _drop_unstarted_checkpoints(checkpoint_dir)
+        raise
+    path = model.save(saved_path)
+    shutil.rmtree(checkpoint_dir)  # the saved factors are the result now
+    _say(f"  layer {layer}: relative error {model.relative_error_:.4f} after {model.n_iter_} iterations "
+         f"({time.perf_counter() - started:.1f} s) -> {path}")
+    return model
+
+
+def _drop_unstarted_checkpoints(checkpoint_dir: Path) -> None:
+    """After a failed fit: remove its checkpoint folder when it holds no complete checkpoint (a fit that
+    failed before its first one leaves nothing to resume, and nothing behind)."""
+    import shutil
+
+    from jsnmf.checkpoint import completed_steps
+
+    if checkpoint_dir.is_dir() and not completed_steps(checkpoint_dir):
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
 
 
 def step_report(run_dir: Path, store_dir: Path, layers, args, progress: bool) -> Path:

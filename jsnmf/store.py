@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import bisect
 import datetime
-import fcntl
 import functools
 import hashlib
 import io
@@ -58,6 +57,7 @@ import ml_dtypes
 import numpy as np
 
 import jsnmf
+from jsnmf.io.files import FolderLock
 from jsnmf.dtypes import DISK_DTYPES, DTYPES, check_dtype as check_any_dtype
 from jsnmf.io.files import TMP_SUFFIX, atomic_write, atomic_write_json
 from jsnmf.io.manifest import INTEGER, corrupt, read_manifest
@@ -200,24 +200,6 @@ def verify_file(file: Path, expected_sha256: str) -> None:
                          f"written (sha256 {actual[:16]}..., the manifest records {expected_sha256[:16]}...)")
     with _VERIFIED_LOCK:
         _VERIFIED.add(key)
-
-
-class _Lock:
-    """Advisory exclusive lock on ``<store>/.lock``; released on close or when the process dies."""
-
-    def __init__(self, store_path: Path):
-        self._fd = os.open(store_path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._fd)
-            raise ValueError(f"{store_path}: another process is writing this store") from None
-
-    def release(self) -> None:
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
 
 
 # ---------------------------------------------------------------- reader
@@ -518,7 +500,7 @@ def remove_store(path: str | os.PathLike) -> None:
     """Delete the store at ``path`` (only the files a store consists of; raise if it is not one)."""
     path = Path(path).expanduser().resolve()
     _read_manifest(path)  # refuse to delete something that is not a store
-    lock = _Lock(path)
+    lock = FolderLock(path, LOCK, busy="another process is writing this store")
     try:
         (path / MANIFEST).unlink()  # first: from here on the directory is no longer a store
         _remove_store_files(path)
@@ -539,7 +521,7 @@ def _remove_store_files(path: Path) -> None:
 class StoreWriter:
     """Appends tokens to a store, committing whole chunks of ``chunk_tokens`` tokens atomically."""
 
-    def __init__(self, path: Path, manifest: dict, lock: _Lock):
+    def __init__(self, path: Path, manifest: dict, lock: FolderLock):
         self.path = path
         self.manifest = manifest  # owned by the commit thread while it runs; see _write_chunk
         self._lock = lock
@@ -565,7 +547,7 @@ class StoreWriter:
         if path.exists() and not _is_leftover_of_killed_create(path):
             raise ValueError(f"{path}: directory is not empty; refusing to create a store in it")
         path.mkdir(parents=True, exist_ok=True)
-        lock = _Lock(path)
+        lock = FolderLock(path, LOCK, busy="another process is writing this store")
         try:
             if not _is_leftover_of_killed_create(path):  # again, now that no one else can be creating it
                 raise ValueError(f"{path}: directory is not empty; refusing to create a store in it")
@@ -609,7 +591,7 @@ class StoreWriter:
         manifest = _read_manifest(path)
         if manifest["complete"]:
             raise ValueError(f"{path}: the store is complete; nothing to resume")
-        lock = _Lock(path)
+        lock = FolderLock(path, LOCK, busy="another process is writing this store")
         writer = cls(path, manifest, lock)
         writer._drop_uncommitted_files()
         return writer

@@ -347,3 +347,138 @@ def test_bad_models_are_one_line(capsys, model_dir, tmp_path, damage, fragment):
     code, _, err = run_cli(capsys, "extract", "--model", model, "--corpus", corpus, "--layers", "0",
                            "--out", tmp_path / "run")
     assert_one_error_line(code, err, fragment, model)
+
+
+# ---------------------------------------------------------------- 10, 11: leftovers and one fit per run folder
+
+
+def test_a_fit_failing_before_its_first_checkpoint_leaves_nothing_behind(capsys, tmp_path):
+    huge = make_store(tmp_path / "run" / "store", scale=3e38)  # fails after the checkpoint folder is made
+    code, _, err = run_cli(capsys, "fit", "--store", huge.path, "--rank", "2", "--max-iter", "3")
+    assert_one_error_line(code, err, "sum of squares")
+    assert not (tmp_path / "run" / "snmf" / "layer_00.fitting").exists()
+
+
+def test_an_interrupted_layer_is_refused_before_any_layer_is_fitted(capsys, tmp_path):
+    store = make_store(tmp_path / "run" / "store")
+    (tmp_path / "run" / "snmf" / "layer_00.fitting" / "4").mkdir(parents=True)  # a complete checkpoint
+    code, _, err = run_cli(capsys, "fit", "--store", store.path, "--layers", "1,0", "--rank", "2", "--max-iter", "2")
+    assert_one_error_line(code, err, "layer 0 has an interrupted fit")
+    assert not (tmp_path / "run" / "snmf" / "layer_01").exists()
+
+
+def test_two_fits_on_one_run_folder_are_locked_out(capsys, tmp_path):
+    store = make_store(tmp_path / "run" / "store")
+    script = """
+        import sys, time
+        from pathlib import Path
+        from jsnmf.io.files import FolderLock
+        snmf = Path(sys.argv[1]); snmf.mkdir(parents=True, exist_ok=True)
+        lock = FolderLock(snmf, busy="busy")  # what a running `jsnmf fit` holds
+        print("locked", flush=True)
+        time.sleep(float(sys.argv[2]))
+    """
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(script), str(tmp_path / "run" / "snmf"), "300"],
+                              stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        code, _, err = run_cli(capsys, "fit", "--store", store.path, "--rank", "2", "--max-iter", "2")
+        assert_one_error_line(code, err, "another jsnmf fit is running", tmp_path / "run" / "snmf")
+    finally:
+        holder.kill()
+        holder.wait()
+    code, _, err = run_cli(capsys, "fit", "--store", store.path, "--rank", "2", "--max-iter", "2")
+    assert code == 0, err  # the lock went with the process
+
+
+# ---------------------------------------------------------------- 5: integrity of checkpoints
+
+
+def _largest_file(directory):
+    files = [p for p in directory.rglob("*") if p.is_file() and "metadata" not in p.name]
+    return max(files, key=lambda p: p.stat().st_size)
+
+
+def test_flipped_bytes_in_a_saved_codes_array_are_caught(tmp_path):
+    import json
+
+    import numpy as np
+
+    from jsnmf import SNMF
+    from jsnmf.io.digests import array_digest
+
+    X = np.abs(np.random.default_rng(0).standard_normal((2000, 12))).astype("f4")
+    path = SNMF(4, max_iter=2).fit(X).save(tmp_path / "ck")  # codes: 32 kB, the rest < 1 kB
+    loaded = SNMF.load(path)
+
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["checksums"]["codes"] == array_digest(np.asarray(loaded.codes_, np.float32))
+    # The codes are the largest array; flip 8 bytes in the file that holds them.
+    _flip_bytes(_largest_file(path / "arrays"), offset_from_end=400)
+    with pytest.raises(ValueError) as err:
+        SNMF.load(path)
+    assert str(path) in str(err.value)
+
+
+def test_a_changed_array_in_a_fit_checkpoint_is_caught(tmp_path):
+    import numpy as np
+
+    from jsnmf import SNMF
+
+    X = np.abs(np.random.default_rng(0).standard_normal((64, 12))).astype("f4")
+    SNMF(3, max_iter=4).fit(X, checkpoint_dir=tmp_path / "ck", checkpoint_every=2)
+    problem_file = tmp_path / "ck" / "4" / "problem" / "metadata"
+    import json
+
+    described = json.loads(problem_file.read_text())
+    assert set(described["checksums"]) >= {"G", "XtG", "best_F", "loss_history"}
+    described["checksums"]["G"] = "0" * 64  # as if G had changed on disk
+    problem_file.write_text(json.dumps(described))
+    with pytest.raises(ValueError, match="'G' does not match the checksum") as err:
+        SNMF(3, max_iter=6).fit(X, checkpoint_dir=tmp_path / "ck", resume=True, checkpoint_every=2)
+    assert str(tmp_path / "ck" / "4") in str(err.value)
+
+
+# ---------------------------------------------------------------- 12: no temporaries left by a full disk
+
+
+def test_a_failed_save_leaves_no_staging_folder_and_stale_ones_are_removed(saved_snmf, tmp_path, monkeypatch):
+    import errno
+
+    import jsnmf.io.files
+    from jsnmf import SNMF
+
+    model = SNMF.load(saved_snmf)
+    dead = tmp_path / f".ck.tmp-{2**22 + 12345}"  # a pid above the kernel's limit: never alive
+    dead.mkdir()
+    alive = tmp_path / f".ck.tmp-{os.getppid()}"  # a live writer's staging folder is left alone
+    alive.mkdir()
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(jsnmf.io.files.os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space left") as err:
+        model.save(tmp_path / "ck")
+    monkeypatch.undo()
+    assert "manifest.json" in str(err.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [alive.name]
+    model.save(tmp_path / "ck")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [alive.name, "ck"]
+
+
+def test_a_failed_store_commit_leaves_no_npy_tmp(tmp_path, monkeypatch):
+    import errno
+
+    import jsnmf.io.files
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(jsnmf.io.files.os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space left") as err:
+        make_store(tmp_path / "store")
+    monkeypatch.undo()
+    assert "chunk_000000.npy" in str(err.value) or "documents.jsonl" in str(err.value)
+    assert [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")] == []

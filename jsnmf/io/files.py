@@ -7,6 +7,7 @@ corpora all go through :func:`atomic_write`.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import socket
@@ -78,3 +79,24 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 def atomic_write_text(path: Path, text: str) -> None:
     """``text`` as UTF-8 at ``path``, atomically."""
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+class FolderLock:
+    """Advisory exclusive lock on the file ``name`` in ``folder``, for folders with one writer at a
+    time (a store being written, a run's ``snmf/`` being fitted); released by :meth:`release` or when
+    the process dies. ``busy`` is the error when another process holds it."""
+
+    def __init__(self, folder: Path, name: str = ".lock", *, busy: str):
+        self._fd = os.open(Path(folder) / name, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._fd)
+            raise ValueError(f"{folder}: {busy}") from None
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+

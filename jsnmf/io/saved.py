@@ -1,11 +1,13 @@
 """A fitted SNMF on disk: its arrays with orbax and a JSON manifest that says what they are.
 
-    <path>/manifest.json   format, version, the estimator's params, shapes and dtypes of the arrays,
-                           n_iter, n_features_in, reconstruction_err, relative_error
+    <path>/manifest.json   format, version, the estimator's params, shapes, dtypes and sha256
+                           (``checksums``) of the arrays, n_iter, n_features_in, reconstruction_err,
+                           relative_error
     <path>/arrays/         orbax StandardCheckpointer: features (d × k), codes (n × k), loss_history
 
-Written into a staging directory beside ``path`` and renamed into place, so a kill never leaves a
-half checkpoint; read back with one schema check of the manifest (keys, types, shapes against each
+Written into a staging directory beside ``path`` (``.<name>.tmp-<pid>``) and renamed into place, so a
+kill never leaves a half checkpoint; a failed save removes its staging folder, and the next save
+removes those of dead processes. Read back with one schema check of the manifest (keys, types, shapes against each
 other and against the rank) and of the arrays against the manifest, each failure one ValueError
 naming the checkpoint and the problem.
 """
@@ -20,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from jsnmf import __version__
-from jsnmf.io.files import atomic_write_json
+from jsnmf.io.digests import array_digests, check_digests
+from jsnmf.io.files import atomic_write_json, is_live_pid
 from jsnmf.io.manifest import INTEGER, NUMBER, corrupt, read_manifest
 
 __all__ = ["FORMAT", "VERSION", "MANIFEST", "ARRAYS", "Saved", "read_saved", "write_saved"]
@@ -31,7 +34,7 @@ MANIFEST = "manifest.json"
 ARRAYS = "arrays"
 
 _REQUIRED = ("params", "shapes", "n_iter", "n_features_in", "reconstruction_err", "relative_error")
-_TYPES = {"params": dict, "shapes": dict, "dtypes": dict, "n_iter": INTEGER, "n_features_in": INTEGER,
+_TYPES = {"params": dict, "shapes": dict, "dtypes": dict, "checksums": dict, "n_iter": INTEGER, "n_features_in": INTEGER,
           "reconstruction_err": NUMBER, "relative_error": NUMBER}
 _ARRAY_RANKS = {"features": 2, "codes": 2, "loss_history": 1}  # the arrays of a checkpoint, their ndim
 FACTS = ("n_iter", "n_features_in", "reconstruction_err", "relative_error")
@@ -43,14 +46,15 @@ def write_saved(path: str | os.PathLike, params: dict, arrays: dict[str, np.ndar
 
     path = Path(path).absolute()
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    _remove_stale_staging(path)
+    staging = path.parent / f".{path.name}{_STAGING}{os.getpid()}"
     if staging.exists():
         shutil.rmtree(staging)
-    staging.mkdir()
-    try:
-        checkpointer = ocp.StandardCheckpointer()
-        checkpointer.save(staging / ARRAYS, arrays)
-        checkpointer.wait_until_finished()
+    try:  # a full disk, an interrupt: leave no staging folder behind
+        staging.mkdir()
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(staging / ARRAYS, arrays)
+            checkpointer.wait_until_finished()
         manifest = {
             "format": FORMAT,
             "format_version": VERSION,
@@ -59,6 +63,7 @@ def write_saved(path: str | os.PathLike, params: dict, arrays: dict[str, np.ndar
             "shapes": {name: list(np.shape(a)) for name, a in arrays.items()},
             "dtypes": {name: str(np.asarray(a).dtype) for name, a in arrays.items()},
             **{name: facts[name] for name in FACTS},
+            "checksums": array_digests({name: np.asarray(a) for name, a in arrays.items()}),
         }
         atomic_write_json(staging / MANIFEST, manifest)
         _replace_directory(staging, path)
@@ -76,6 +81,7 @@ class Saved:
     params: dict
     shapes: dict[str, tuple[int, ...]]
     facts: dict
+    checksums: dict  # empty for checkpoints saved before checksums were recorded
 
     def restore(self) -> dict[str, np.ndarray]:
         """The checkpoint's arrays (orbax), each with the shape the manifest gives."""
@@ -96,7 +102,9 @@ class Saved:
             if tuple(np.shape(arrays[name])) != shape:
                 raise ValueError(f"{where}: array {name!r} has shape {np.shape(arrays[name])}, "
                                  f"{MANIFEST} says {list(shape)}")
-        return {name: np.asarray(array) for name, array in arrays.items()}
+        arrays = {name: np.asarray(array) for name, array in arrays.items()}
+        check_digests(arrays, self.checksums, where)
+        return arrays
 
 
 def read_saved(path: str | os.PathLike) -> Saved:
@@ -105,7 +113,8 @@ def read_saved(path: str | os.PathLike) -> Saved:
     manifest = read_manifest(path / MANIFEST, format=FORMAT, version=VERSION, what="jsnmf SNMF checkpoint",
                              missing_what="jsnmf checkpoint", required=_REQUIRED, types=_TYPES)
     shapes = _checked_shapes(manifest, path)
-    return Saved(path, dict(manifest["params"]), shapes, {name: manifest[name] for name in FACTS})
+    return Saved(path, dict(manifest["params"]), shapes, {name: manifest[name] for name in FACTS},
+                 dict(manifest.get("checksums") or {}))
 
 
 def _checked_shapes(manifest: dict, path: Path) -> dict[str, tuple[int, ...]]:
@@ -127,6 +136,20 @@ def _checked_shapes(manifest: dict, path: Path) -> dict[str, tuple[int, ...]]:
         raise corrupt(path, f"n_features_in {manifest['n_features_in']} does not match features "
                             f"{shapes['features']}", MANIFEST)
     return {name: tuple(shape) for name, shape in shapes.items()}
+
+
+_STAGING = ".tmp-"  # .<name>.tmp-<pid>: a save in progress; .<name>.old-<pid>: the checkpoint it replaces
+
+
+def _remove_stale_staging(path: Path) -> None:
+    """Remove what saves into ``path`` killed (or failed without cleaning up) left: staging folders of
+    processes that no longer run. A live writer's folder is left alone."""
+    for entry in path.parent.glob(f".{path.name}.*-*"):
+        kind, _, pid = entry.name[len(path.name) + 2:].rpartition("-")
+        if kind in ("tmp", "old") and pid.isdigit() and (int(pid) == os.getpid() or not is_live_pid(int(pid))):
+            if kind == "old" and not path.exists():
+                continue  # killed between its two renames: the old checkpoint is the only one; keep it
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def _replace_directory(staging: Path, path: Path) -> None:
