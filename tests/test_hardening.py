@@ -222,12 +222,12 @@ def test_a_chunk_linked_outside_the_store_is_refused(tmp_path):
 def test_verified_chunks_are_hashed_once_per_process(tmp_path, monkeypatch):
     import hashlib
 
-    import jsnmf.store
+    import jsnmf.store.format
 
     store = make_store(tmp_path / "store")
     calls = []
     real = hashlib.file_digest
-    monkeypatch.setattr(jsnmf.store.hashlib, "file_digest", lambda f, name: calls.append(f.name) or real(f, name))
+    monkeypatch.setattr(jsnmf.store.format.hashlib, "file_digest", lambda f, name: calls.append(f.name) or real(f, name))
     for _ in range(3):
         store.read(0)
     assert len(calls) == 3  # three chunks, hashed on the first pass only

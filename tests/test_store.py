@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from jsnmf import store as store_module
+from jsnmf.store import writer as writer_module
 from jsnmf.corpus import Document
 from jsnmf.store import ActivationStore, remove_store
 
@@ -136,7 +137,7 @@ def test_resume_after_crash_mid_commit_is_identical(tmp_path, monkeypatch):
     reference = write_store(tmp_path / "ref", acts, meta, "float16")
 
     # Crash while writing the files of the third chunk: one layer file already in place, no manifest update.
-    real_save = store_module._atomic_save_npy
+    real_save = writer_module.save_npy_atomic
     calls = {"n": 0}
 
     def crashing_save(path, array):
@@ -145,7 +146,7 @@ def test_resume_after_crash_mid_commit_is_identical(tmp_path, monkeypatch):
             raise KeyboardInterrupt("simulated kill")
         real_save(path, array)
 
-    monkeypatch.setattr(store_module, "_atomic_save_npy", crashing_save)
+    monkeypatch.setattr(writer_module, "save_npy_atomic", crashing_save)
     writer = create(tmp_path / "s", "float16")
     for start, stop in [(0, 5), (5, 12), (12, 23)]:
         append_range(writer, acts, meta, start, stop)
@@ -153,7 +154,7 @@ def test_resume_after_crash_mid_commit_is_identical(tmp_path, monkeypatch):
         writer.close()
     assert not (tmp_path / "s" / "layer_01" / "chunk_000003.npy").exists()  # no commit after the failure
     assert json.loads((tmp_path / "s" / "manifest.json").read_text())["chunks"] == [[0, 7], [7, 14]]
-    monkeypatch.setattr(store_module, "_atomic_save_npy", real_save)
+    monkeypatch.setattr(writer_module, "save_npy_atomic", real_save)
     (tmp_path / "s" / "tokens" / "chunk_000002.npy.tmp").write_bytes(b"half a file")
     assert (tmp_path / "s" / "layer_01" / "chunk_000002.npy").exists()  # orphan of the unfinished chunk
 
@@ -178,7 +179,7 @@ def test_commit_errors_reach_the_caller(tmp_path, monkeypatch):
     def disk_full(path, blocks):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(store_module, "_atomic_save_npy", disk_full)
+    monkeypatch.setattr(writer_module, "save_npy_atomic", disk_full)
     append_range(writer, acts, meta, 0, 8)  # hands chunk 0 to the commit thread
     with pytest.raises(OSError, match="No space left"):
         writer.flush()
