@@ -146,13 +146,13 @@ def test_fit_streams_big_stores_with_the_same_result(capsys, extracted, monkeypa
     """Layers above the in-memory limit are fitted by streaming the store; the factors agree."""
     import numpy as np
 
-    import jsnmf.cli
+    import jsnmf.cli.steps
     from jsnmf.estimator import SNMF
 
     args = ("fit", "--store", extracted / "store", "--layers", "0", "--rank", "3", "--max-iter", "15", "--init", "svd")
     assert run_cli(capsys, *args)[0] == 0
     in_memory = SNMF.load(extracted / "snmf" / "layer_00")
-    monkeypatch.setattr(jsnmf.cli, "IN_MEMORY_LIMIT_BYTES", 0)
+    monkeypatch.setattr(jsnmf.cli.steps, "IN_MEMORY_LIMIT_BYTES", 0)
     assert run_cli(capsys, *args)[0] == 0
     streamed = SNMF.load(extracted / "snmf" / "layer_00")
     assert streamed.n_iter_ == in_memory.n_iter_

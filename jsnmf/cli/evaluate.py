@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from jsnmf.cli import UserError, _say, layer_list, positive_int, step_fit
+from jsnmf.cli.options import UserError, layer_list, positive_int, say
+from jsnmf.cli.steps import step_fit
 from jsnmf.io.files import atomic_write_json
 from jsnmf.layout import RunLayout
 
@@ -121,7 +122,7 @@ def _load_model(store, override: str | None):
     import jsnmf.models as jm
 
     path = _model_path(store, override)
-    _say(f"loading {path}")
+    say(f"loading {path}")
     return (*jm.load(path), Path(path))
 
 
@@ -136,7 +137,7 @@ def _fitted(run: RunLayout, store, layers, rank, progress: bool) -> dict:
             raise FileNotFoundError(f"no fitted layers in {run.snmf} (run `jsnmf fit` first, or pass --layers)")
     missing = [layer for layer in layers if not run.fitted(layer).is_dir()]
     if missing:
-        _say(f"layers {missing} are not fitted: fitting them with the paper's preset")
+        say(f"layers {missing} are not fitted: fitting them with the paper's preset")
         settings = {k: v for k, v in PAPER.params().items() if k != "rank"}
         step_fit(store, missing, rank or PAPER.settings["rank"], settings, run.snmf, progress)
     return {layer: SNMF.load(run.fitted(layer)) for layer in layers}
@@ -162,7 +163,7 @@ def _judge(args, model_path: Path, texts, labels):
 
     if args.judge is None:
         if not (model_path / demo.PLANTED_FILE).is_file():
-            _say("no --judge: steering is reported without concept scores")
+            say("no --judge: steering is reported without concept scores")
             return None
         judge = LexiconJudge(demo.CONCEPTS)
         known = [c for c in sorted(set(labels) - {None}) if c in demo.CONCEPTS]
@@ -189,7 +190,7 @@ def _load_judge(name: str, model_path: Path):
     path = _fetch_path(name)
     if _resolved(path) == _resolved(model_path):
         raise UserError(f"--judge {name} is the steered model itself; judge with another model (no self-judging)")
-    _say(f"loading the judge {path}")
+    say(f"loading the judge {path}")
     return (*jm.load(path), Path(path))
 
 
@@ -230,14 +231,14 @@ def cmd_evaluate(args) -> int:
                                   max_new_tokens=args.max_new_tokens, prompt=args.prompt or PAPER_PROMPT,
                                   steer_concepts=args.steer_concepts, sae=args.sae, seed=args.seed,
                                   hierarchy=tuple(args.hierarchy) if args.hierarchy else None)
-    _say(f"evaluating layers {', '.join(map(str, fitted))} on {len(texts)} sentences of "
+    say(f"evaluating layers {', '.join(map(str, fitted))} on {len(texts)} sentences of "
          f"{len({n for lab in labels if lab for n in lab.split('+')})} concepts")
     result = evaluate(model, tokenizer, fitted, texts, labels, judge=judge, settings=settings, progress=progress)
     result.update(model=str(model_path), corpus={"path": corpus.path, "sha256": corpus.sha256},
                   fits={str(layer): _fit_record(snmf) for layer, snmf in fitted.items()})
     atomic_write_json(run.evaluation, result)
     print(summary_table(result))
-    _say(f"evaluation: {run.evaluation}")
+    say(f"evaluation: {run.evaluation}")
     return 0
 
 
@@ -301,13 +302,13 @@ def cmd_steer(args) -> int:
     if args.kl is not None:
         hit = alpha_for_kl(model, direction, site, args.layer, prompt_ids(tokenizer, prompt), [args.kl]).targets[0]
         alpha = hit.alpha
-        _say(f"layer {args.layer} feature {args.feature} at {site}: alpha {hit.alpha:.4g} gives KL {hit.kl:.4g} "
+        say(f"layer {args.layer} feature {args.feature} at {site}: alpha {hit.alpha:.4g} gives KL {hit.kl:.4g} "
              f"(target {args.kl:g}" + (")" if hit.reached else f", not reached: {hit.note})"))
     else:
-        _say(f"layer {args.layer} feature {args.feature} at {site}: alpha {alpha:.4g}")
+        say(f"layer {args.layer} feature {args.feature} at {site}: alpha {alpha:.4g}")
     sample = steered_generate(model, tokenizer, direction, args.layer, site, [alpha], prompt=prompt,
                               n_samples=args.n_samples, max_new_tokens=args.max_new_tokens, seed=args.seed)[0]
-    _say(f"prompt: {prompt}")
+    say(f"prompt: {prompt}")
     for i, text in enumerate(sample.texts):
         print(f"[{i}] {text}")
     return 0

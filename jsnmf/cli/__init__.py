@@ -1,0 +1,111 @@
+"""The ``jsnmf`` command line: extract → fit → report, or all three with ``jsnmf run``.
+
+    jsnmf run --model gpt2 --corpus prompts.jsonl --layers 0,6,11 --rank 100
+    jsnmf run                                   # the offline demo (planted concepts)
+    jsnmf extract --model M --corpus C --layers 0,6,11 --out RUN
+    jsnmf fit --store RUN/store --layers 0,6,11 --rank 100
+    jsnmf report --run RUN
+
+A run directory holds ``store/`` (the ActivationStore), ``snmf/layer_{L:02d}/`` (``SNMF.save``
+checkpoints) and ``report/`` (``index.html`` and one page per layer). User errors (bad arguments,
+missing files, layers the model does not have) print one ``jsnmf: error: ...`` line and exit with 2.
+"""
+
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+
+from jsnmf.cli.commands import cmd_extract, cmd_fit, cmd_report, cmd_run
+from jsnmf.cli.options import (DEFAULT_RUNS_DIR, PROG, UserError, add_extract_options, add_fit_options,
+                               add_report_options, Parser, layer_list, positive_int, say)
+from jsnmf.cli.steps import fit_settings, step_fit
+
+__all__ = ["main", "build_parser", "UserError", "fit_settings", "step_fit", "layer_list", "positive_int", "say"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``jsnmf`` argument parser (sub-commands extract, fit, report, run)."""
+    parser = Parser(
+        prog=PROG, description="Find interpretable features in language-model MLPs with SNMF.")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    quiet = Parser(add_help=False)  # -q also after the command; SUPPRESS keeps an earlier -q
+    quiet.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
+
+    p = sub.add_parser("extract", parents=[quiet], help="store MLP activations of a corpus")
+    p.add_argument("--model", required=True, help="checkpoint directory or hub id (local HF cache)")
+    p.add_argument("--corpus", required=True, help="text (one document a line), JSONL or JSON file")
+    p.add_argument("--layers", type=layer_list, required=True, help="comma-separated layers, e.g. 0,6,11")
+    p.add_argument("--out", required=True, help="run directory (the store goes to OUT/store)")
+    add_extract_options(p)
+
+    p = sub.add_parser("fit", parents=[quiet], help="fit SNMF to the stored activations of each layer")
+    p.add_argument("--store", required=True, help="activation store directory (RUN/store)")
+    p.add_argument("--layers", type=layer_list, default=None, help="layers to fit (all in the store)")
+    add_fit_options(p, rank_help=" (required unless --preset)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue interrupted fits from their checkpoints; keep layers already fitted")
+
+    p = sub.add_parser("report", parents=[quiet], help="write the HTML report of a run")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--run", help="run directory (holds store/ and snmf/)")
+    where.add_argument("--store", help="activation store directory (checkpoints in its parent's snmf/)")
+    p.add_argument("--layers", type=layer_list, default=None, help="layers to report (all fitted)")
+    add_report_options(p)
+
+    p = sub.add_parser("run", parents=[quiet], help="extract, fit and report in one go (no --model: the offline demo)")
+    p.add_argument("--model", default=None, help="checkpoint directory or hub id; leave out for the demo")
+    p.add_argument("--corpus", default=None, help="corpus file (required with --model)")
+    p.add_argument("--layers", type=layer_list, default=None, help="comma-separated layers, e.g. 0,6,11")
+    p.add_argument("--out", default=None, help=f"run directory (default ./{DEFAULT_RUNS_DIR}/<model>-<time>)")
+    add_extract_options(p)
+    add_fit_options(p, rank_help=" (100, the paper's; the demo: 16)")
+    add_report_options(p)
+
+    from jsnmf.cli.evaluate import add_parsers  # evaluate, steer (their own module)
+    add_parsers(sub, quiet)
+    return parser
+
+
+_COMMANDS = {"extract": cmd_extract, "fit": cmd_fit, "report": cmd_report, "run": cmd_run}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``jsnmf`` command line; returns the exit status (0 ok, 2 user error, 130 interrupted)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # argparse already printed "jsnmf: error: ..." and the usage
+        return int(exit_.code or 0)
+    try:
+        return getattr(args, "handler", _COMMANDS.get(args.command))(args)
+    except (ValueError, FileNotFoundError, NotADirectoryError) as err:
+        print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except (OSError, RecursionError, FloatingPointError) as err:  # a full disk, no permission, ...
+        print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _one_line(err: BaseException) -> str:
+    """The error as one line; an OSError as "<file>: <what went wrong>" (its filename when it has one)."""
+    if isinstance(err, OSError) and err.strerror:
+        files = " -> ".join(str(f) for f in (err.filename, err.filename2) if f is not None)
+        text = f"{files}: {err.strerror}" if files else f"{err.strerror} (no file named; errno {err.errno})"
+    elif isinstance(err, RecursionError):
+        text = f"input nested too deeply to process ({err})"
+    else:
+        text = str(err)
+    return " ".join(text.split()) or type(err).__name__
+
+
+if __name__ == "__main__":
+    sys.exit(main())

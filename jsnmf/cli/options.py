@@ -1,0 +1,110 @@
+"""The command line's vocabulary: user errors, argument types, the parser class and the option groups
+several commands share."""
+
+from __future__ import annotations
+
+import argparse
+
+from jsnmf.dtypes import DTYPES
+from jsnmf.fit.starts import INITIALIZERS
+from jsnmf.kernels.solvers import get_solver, solver_names
+from jsnmf.presets import PRESETS
+
+
+PROG = "jsnmf"
+DEFAULT_RUNS_DIR = "jsnmf-runs"
+
+
+class UserError(ValueError):
+    """A problem with what the user asked for; reported in one line, exit status 2."""
+
+
+def say(*parts) -> None:
+    """Print a line of the command's narration (flushed, so it interleaves with progress bars)."""
+    print(*parts, flush=True)
+
+
+def layer_list(text: str) -> list[int]:
+    """``"0,6,11"`` -> ``[0, 6, 11]`` (distinct non-negative integers)."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError("expected a comma-separated list of layer numbers, e.g. 0,6,11")
+    try:
+        layers = [int(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected layer numbers like 0,6,11, got {text!r}") from None
+    if any(layer < 0 for layer in layers):
+        raise argparse.ArgumentTypeError(f"layer numbers must be >= 0, got {text!r}")
+    if len(set(layers)) != len(layers):
+        raise argparse.ArgumentTypeError(f"layer numbers repeat in {text!r}")
+    return layers
+
+
+def _number(text: str, kind, accept, expected: str, must: str):
+    """``kind(text)`` if ``accept`` holds for it; else an argparse error saying what was expected."""
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if not accept(value):
+        raise argparse.ArgumentTypeError(f"must be {must}, got {value}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    return _number(text, int, lambda v: v >= 1, "an integer", ">= 1")
+
+
+def fraction(text: str) -> float:
+    return _number(text, float, lambda v: 0.0 < v <= 1.0, "a number in (0, 1]", "in (0, 1]")
+
+
+# ---------------------------------------------------------------- parser
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the one-line ``jsnmf: error: ...`` of every other user error (exit 2)."""
+
+    def error(self, message):
+        self.exit(2, f"{PROG}: error: {message} (see '{self.prog} --help')\n")
+
+
+def add_extract_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-length", type=positive_int, default=128, help="truncate documents to this many tokens (128)")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="documents per forward pass (16)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
+                   help="precision of the stored activations (float32)")
+    p.add_argument("--bos", action=argparse.BooleanOptionalAction, default=True,
+                   help="start every document with the model's BOS, as the paper does for every family (default); "
+                        "--no-bos: no BOS at all (the tokenizer's own is removed)")
+    p.add_argument("--keep-bos", action="store_true",
+                   help="keep the BOS token's activations in X (dropped by default, like the padding)")
+
+
+def add_fit_options(p: argparse.ArgumentParser, rank_help: str) -> None:
+    p.add_argument("--rank", type=positive_int, default=None, help=f"number of features k{rank_help}")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="start from a named set of hyperparameters (paper: the paper's fit, see jsnmf.presets); "
+                        "the options below override it")
+    p.add_argument("--solver", choices=solver_names(), default=None,
+                   help="codes solver (mu, the paper's): " + "; ".join(f"{s}: {get_solver(s).summary}"
+                                                                         for s in solver_names()))
+    p.add_argument("--sparsity", type=fraction, default=None,
+                   help="fraction of neurons kept per feature (0.01, the paper's)")
+    p.add_argument("--max-iter", type=positive_int, default=None, help="iteration cap (1000)")
+    p.add_argument("--init", choices=tuple(INITIALIZERS), default=None, help="initialization (random)")
+    p.add_argument("--seed", type=int, default=None, help="initialization seed (0)")
+    p.add_argument("--tol", type=float, default=None,
+                   help="an improvement of the loss counts when larger than tol·‖X‖² (1e-6)")
+    p.add_argument("--patience", type=positive_int, default=None,
+                   help="stop after this many iterations without one (100)")
+    p.add_argument("--checkpoint-every", type=positive_int, default=None,
+                   help="checkpoint a running fit every this many iterations (50)")
+
+
+def add_report_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--top-k", type=positive_int, default=25, help="top-activating tokens shown per feature (25)")
+    p.add_argument("--window", type=int, default=15, help="context tokens on each side (15)")
+    p.add_argument("--no-vocab", action="store_true", help="skip the vocabulary projections (no model load)")
+
+

@@ -1,0 +1,146 @@
+"""The steps a command chains: extract a store, fit each layer (checkpointed, locked), write the report."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from jsnmf.layout import RunLayout
+from jsnmf.presets import PRESETS
+
+from jsnmf.cli.options import UserError, say
+
+# Layers whose activations fit in memory together are fitted in memory; bigger ones are streamed.
+IN_MEMORY_LIMIT_BYTES = 4 << 30
+
+
+def step_extract(model: str, corpus: str, run_dir: Path, layers: list[int], args, progress: bool):
+    """Extract into ``run_dir/store`` and return the store."""
+    from jsnmf.extract import extract
+
+    if not Path(corpus).expanduser().is_file():
+        raise FileNotFoundError(f"corpus file not found: {corpus}")
+    if args.keep_bos and not args.bos:
+        raise UserError("--keep-bos keeps the BOS token's activations, but --no-bos leaves the BOS out: "
+                        "use one or the other")
+    say(f"extracting layers {','.join(map(str, layers))} of {model} on {corpus}")
+    return extract(model, corpus, RunLayout.of(run_dir).store, layers=layers, max_length=args.max_length,
+                   batch_size=args.batch_size, dtype=args.dtype, add_bos=args.bos, drop_bos=not args.keep_bos,
+                   progress=progress)
+
+
+def fit_settings(args, defaults: dict | None = None) -> dict:
+    """SNMF keyword arguments from the options the user set (the estimator's defaults otherwise)."""
+    settings = dict(defaults or {})
+    if getattr(args, "preset", None):
+        settings = {k: v for k, v in PRESETS[args.preset].params().items() if k != "rank"}
+    for name in ("solver", "sparsity", "max_iter", "init", "seed", "tol", "patience"):
+        value = getattr(args, name, None)
+        if value is not None:
+            settings[name] = value
+    return settings
+
+
+def _finished_fit(path: Path, rank: int, settings: dict):
+    """The SNMF saved at ``path`` when it was fitted with ``rank`` and ``settings``; else None."""
+    from jsnmf.estimator import MANIFEST, SNMF
+
+    if not (path / MANIFEST).is_file():
+        return None
+    model = SNMF.load(path)
+    wanted = dict(settings, rank=rank)
+    same = all(model.get_params().get(name) == value for name, value in wanted.items())
+    return model if same else None
+
+
+def step_fit(store, layers: list[int] | None, rank: int, settings: dict, snmf_dir: Path, progress: bool,
+             resume: bool = False, checkpoint_every: int | None = None) -> dict:
+    """Fit one SNMF per layer, save each to ``snmf_dir/layer_{L:02d}``; return ``{layer: SNMF}``.
+
+    While a layer fits, its state is checkpointed every ``checkpoint_every`` iterations into
+    ``snmf_dir/layer_{L:02d}.fitting`` (removed once the layer is saved). ``resume``: continue the
+    interrupted fits from their checkpoints and keep the layers already saved with these settings.
+    """
+    from jsnmf.io.files import FolderLock
+
+    layers = list(store.layers) if layers is None else list(layers)
+    missing = [layer for layer in layers if layer not in store.layers]
+    if missing:
+        raise UserError(f"layer(s) {missing} are not in the store {store.path} (it holds layers {store.layers})")
+    if rank > min(store.n_tokens, store.d_mlp):
+        raise UserError(f"rank {rank} exceeds min(n_tokens, d_mlp) = {min(store.n_tokens, store.d_mlp)} of the store")
+    snmf_dir.mkdir(parents=True, exist_ok=True)
+    lock = FolderLock(snmf_dir, busy="another jsnmf fit is running on this run folder; wait for it to finish")
+    try:
+        layout = RunLayout.of(snmf_dir.parent)
+        if not resume:  # before any layer is fitted, so that a refusal changes nothing
+            _refuse_interrupted_fits([(layer, layout.fitting(layer, snmf_dir)) for layer in layers])
+        return {layer: _fit_layer(store, layer, rank, settings, layout.fitted(layer, snmf_dir),
+                                  layout.fitting(layer, snmf_dir), progress, resume, checkpoint_every)
+                for layer in layers}
+    finally:
+        lock.release()
+
+
+def _refuse_interrupted_fits(checkpoint_dirs) -> None:
+    """UserError when a layer has complete checkpoints of an earlier fit (``--resume`` continues them)."""
+    from jsnmf.checkpoint import completed_steps
+
+    for layer, checkpoint_dir in checkpoint_dirs:
+        if completed_steps(checkpoint_dir):
+            raise UserError(f"layer {layer} has an interrupted fit in {checkpoint_dir}: pass --resume to continue "
+                            "it, or delete that directory to start again")
+
+
+def _fit_layer(store, layer: int, rank: int, settings: dict, saved_path: Path, checkpoint_dir: Path,
+               progress: bool, resume: bool, checkpoint_every: int | None):
+    """Fit one layer (or keep it, ``resume`` and already fitted), save it, remove its checkpoints."""
+    import shutil
+
+    from jsnmf.estimator import SNMF
+
+    if resume and not checkpoint_dir.exists():
+        finished = _finished_fit(saved_path, rank, settings)
+        if finished is not None:
+            say(f"layer {layer}: already fitted ({saved_path}); kept")
+            return finished
+    model = SNMF(rank, **settings)
+    say(f"fitting layer {layer}: rank {rank}, {store.n_tokens:,} tokens × {store.d_mlp} neurons"
+         + (" (resuming)" if resume and checkpoint_dir.exists() else ""))
+    started = time.perf_counter()
+    run = dict(checkpoint_dir=checkpoint_dir, resume=resume, progress=progress,
+               **({} if checkpoint_every is None else {"checkpoint_every": checkpoint_every}))
+    try:
+        if store.n_tokens * store.d_mlp * 4 <= IN_MEMORY_LIMIT_BYTES:
+            model.fit(store.layer_array(layer), **run)
+        else:  # streamed from disk, one pass over the chunks per iteration
+            model.fit(store, layer=layer, **run)
+    except BaseException:
+        _drop_unstarted_checkpoints(checkpoint_dir)
+        raise
+    path = model.save(saved_path)
+    shutil.rmtree(checkpoint_dir)  # the saved factors are the result now
+    say(f"  layer {layer}: relative error {model.relative_error_:.4f} after {model.n_iter_} iterations "
+         f"({time.perf_counter() - started:.1f} s) -> {path}")
+    return model
+
+
+def _drop_unstarted_checkpoints(checkpoint_dir: Path) -> None:
+    """After a failed fit: remove its checkpoint folder when it holds no complete checkpoint (a fit that
+    failed before its first one leaves nothing to resume, and nothing behind)."""
+    import shutil
+
+    from jsnmf.checkpoint import completed_steps
+
+    if checkpoint_dir.is_dir() and not completed_steps(checkpoint_dir):
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+
+
+def step_report(run_dir: Path, store_dir: Path, layers, args, progress: bool) -> Path:
+    from jsnmf.report import ReportOptions, write_report
+
+    say("writing the report")
+    options = ReportOptions(k_top=args.top_k, window=args.window, vocab=not args.no_vocab)
+    return write_report(run_dir, store_dir=store_dir, layers=layers, options=options, progress=progress)
+
+
