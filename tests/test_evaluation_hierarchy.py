@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from jsnmf.evaluation import fit_hierarchy, neuron_reuse, reuse_heatmap
+from jsnmf.evaluation import fine_tune_hierarchy, fit_hierarchy, neuron_reuse, reuse_heatmap
 
 PARENT_OF = [0, 0, 0, 1, 1, 1]  # planted child -> planted parent
 GROUP = 4  # neurons in a parent's shared group
@@ -80,11 +80,50 @@ def test_tree_json_export(tree, tmp_path):
         assert {int(t[5:]) for t in root["top_tokens"]} <= planted  # a parent's top tokens are its children's
 
 
+def _product_loss(hierarchy, X):
+    """The fine-tuning objective written out in NumPy: mean((X − G₀ V₁ … V_L F_Lᵀ)²), V_l = diag(‖F_{l−1}‖) W_l."""
+    codes = hierarchy.codes[0].astype(np.float64)
+    for level in range(1, len(hierarchy.ranks)):
+        codes = codes @ (np.linalg.norm(hierarchy.features[level - 1], axis=0)[:, None] * hierarchy.weights[level])
+    return float(np.mean((X - codes @ hierarchy.features[-1].T) ** 2))
+
+
+@pytest.mark.parametrize("nonnegative", [True, False])
+def test_joint_fine_tuning_lowers_the_product_loss(tree, nonnegative):
+    """Adam on all levels at once (the paper's last step): the reported losses are the product's
+    objective; the product has rank k_L = 2, so its loss is bounded below by the best rank-2
+    approximation (truncated SVD), and fine-tuning closes most of the gap to that bound; with
+    ``nonnegative`` the codes and edges stay ≥ 0 and every planted child keeps its planted parent."""
+    hierarchy, X, _, children = tree
+    tuned, history = fine_tune_hierarchy(hierarchy, X, steps=150, learning_rate=1e-2, nonnegative=nonnegative)
+    assert history.shape == (151,)
+    # float32 training vs the float64 formula: agreement to float32 rounding of a mean of ~1e5 terms
+    assert history[0] == pytest.approx(_product_loss(hierarchy, X), rel=1e-4)
+    assert history[-1] == pytest.approx(_product_loss(tuned, X), rel=1e-4)
+    singular = np.linalg.svd(X.astype(np.float64), compute_uv=False)
+    bound = float(np.sum(singular[2:] ** 2) / X.size)
+    assert history[-1] >= bound * (1 - 1e-5)  # float32 rounding of the loss
+    assert history[-1] - bound <= 0.05 * (history[0] - bound), (history[[0, -1]], bound)
+    assert [F.shape for F in tuned.features] == [F.shape for F in hierarchy.features]
+    if nonnegative:
+        assert (tuned.codes[0] >= 0).all() and (tuned.weights[1] >= 0).all()
+        F0 = tuned.features[0]
+        cos = (children / np.linalg.norm(children, axis=1, keepdims=True)) @ (F0 / np.linalg.norm(F0, axis=0))
+        parents = tuned.parents(1)[cos.argmax(axis=1)]
+        assert len(set(parents[:3])) == 1 and len(set(parents[3:])) == 1 and parents[0] != parents[3], parents
+
+
 def test_hierarchy_validation():
     with pytest.raises(ValueError, match="decreasing"):
         fit_hierarchy(np.ones((10, 4), np.float32), [2, 3])
     with pytest.raises(ValueError, match="sparsity"):
         fit_hierarchy(np.ones((10, 4), np.float32), [3, 2], sparsity=[0.5])
+    X = np.abs(np.random.default_rng(0).standard_normal((30, 6))).astype(np.float32)
+    two = fit_hierarchy(X, [3, 2], sparsity=None, max_iter=5)
+    with pytest.raises(ValueError, match="X has shape"):
+        fine_tune_hierarchy(two, X[:10])
+    with pytest.raises(ValueError, match="steps must be a positive integer"):
+        fine_tune_hierarchy(two, X, steps=0)
 
 
 def test_neuron_reuse_table_by_hand(tmp_path):

@@ -20,7 +20,7 @@ from .activations import concept_mask, encode_sentences, sentence_activations, s
 from .baselines import diff_means, diff_means_directions
 from .detection import Detection, auroc, carry_shares, detection_table, match_concepts, mean_gap, sentence_scores
 from .generation import PAPER_PROMPT, PAPER_SAMPLING, SteeredSamples, prompt_ids, steered_generate
-from .hierarchy import Hierarchy, fit_hierarchy
+from .hierarchy import Hierarchy, fine_tune_hierarchy, fit_hierarchy
 from .judges import (ConceptJudge, Fluency, FluencyJudge, JudgeValidation, LexiconJudge, LikelihoodRatioJudge,
                      ScoreScale, harmonic_mean, text_logprobs, validate_judge)
 from .reuse import neuron_reuse, reuse_heatmap
@@ -29,7 +29,7 @@ from .steering import DEFAULT_KL_TARGETS, AlphaSearch, KLTarget, alpha_for_kl, k
 
 __all__ = [
     "PAPER_PROMPT", "PAPER_SAMPLING", "SteeredSamples", "prompt_ids", "steered_generate", "Hierarchy",
-    "fit_hierarchy", "ConceptJudge", "Fluency", "FluencyJudge", "JudgeValidation", "LexiconJudge",
+    "fit_hierarchy", "fine_tune_hierarchy", "ConceptJudge", "Fluency", "FluencyJudge", "JudgeValidation", "LexiconJudge",
     "LikelihoodRatioJudge", "ScoreScale", "harmonic_mean", "text_logprobs", "validate_judge", "neuron_reuse",
     "reuse_heatmap", "TopKSAE",
     "DEFAULT_KL_TARGETS", "AlphaSearch", "Detection", "KLTarget", "alpha_for_kl", "auroc", "carry_shares",

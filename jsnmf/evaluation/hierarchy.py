@@ -15,7 +15,12 @@ exported too. Codes of a level follow from ``X ≈ G₀ F₀ᵀ``:
 ``G_l = G_{l−1} · diag(‖F_{l−1}‖) · W_l``, and a node's top tokens are the tokens with its largest
 codes (``analysis.top_activations``).
 
-(The paper then fine-tunes all levels jointly with Adam without keeping ``G ≥ 0``; not done here.)
+Joint fine-tuning (:func:`fine_tune_hierarchy`), as the paper does after the level-by-level fits: with
+``V_l = diag(‖F_{l−1}‖) W_l`` the levels compose into one product, ``X ≈ G₀ V₁ V₂ … V_L F_Lᵀ``, and all
+of its factors are trained together with Adam (optax) on the mean squared error. The paper lets the
+non-negative factors go negative; ``nonnegative=True`` (the default here) projects ``G₀`` and the
+``V_l`` back onto ``≥ 0`` after each step (projected Adam) so the result is still a tree with
+non-negative edges. The level features are then the products ``F_{l−1} = F_l V_lᵀ``.
 """
 from __future__ import annotations
 
@@ -29,8 +34,9 @@ import numpy as np
 
 from jsnmf import SNMF
 from jsnmf.analysis import top_activations
+from jsnmf.io.files import atomic_write_json
 
-__all__ = ["Hierarchy", "fit_hierarchy"]
+__all__ = ["Hierarchy", "fit_hierarchy", "fine_tune_hierarchy"]
 
 
 @dataclasses.dataclass
@@ -79,7 +85,7 @@ class Hierarchy:
 
     def save_json(self, path: str | os.PathLike, tokens: Sequence[str] | None = None, k_top: int = 10) -> Path:
         path = Path(path)
-        path.write_text(json.dumps(self.to_dict(tokens, k_top), indent=2))
+        atomic_write_json(path, self.to_dict(tokens, k_top))
         return path
 
 
@@ -108,3 +114,79 @@ def fit_hierarchy(X, ranks: Sequence[int], *, sparsity: float | None | Sequence[
         weights.append(np.asarray(fit.codes_))
         codes.append(codes[-1] @ (norms[:, None] * weights[-1]))
     return Hierarchy(ranks, features, weights, codes)
+
+
+def fine_tune_hierarchy(hierarchy: Hierarchy, X, *, steps: int = 300, learning_rate: float = 1e-2,
+                        nonnegative: bool = True) -> tuple[Hierarchy, np.ndarray]:
+    """Train all levels of ``hierarchy`` jointly on ``X`` (see the module docstring): Adam on
+    ``mean((X − G₀ V₁ … V_L F_Lᵀ)²)``, ``steps`` full-batch steps compiled into one ``lax.scan``.
+
+    Returns the fine-tuned hierarchy (every level's features, weights and codes recomputed from the
+    trained product) and the loss before each step and after the last (``steps + 1`` values).
+    ``nonnegative=False`` is the paper's unconstrained fine-tuning.
+    """
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    if not (isinstance(steps, int) and steps >= 1):
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    if len(hierarchy.ranks) < 2:
+        raise ValueError("a hierarchy of one level has nothing to fine-tune jointly; fit at least two ranks")
+    X = jnp.asarray(X, jnp.float32)
+    if X.shape != (hierarchy.codes[0].shape[0], hierarchy.features[0].shape[0]):
+        raise ValueError(f"X has shape {X.shape}; the hierarchy was fitted on "
+                         f"{(hierarchy.codes[0].shape[0], hierarchy.features[0].shape[0])}")
+    norms = [np.linalg.norm(F, axis=0) for F in hierarchy.features]
+    params = {"G": jnp.asarray(hierarchy.codes[0], jnp.float32),
+              "V": [jnp.asarray(norms[l - 1][:, None] * hierarchy.weights[l], jnp.float32)
+                    for l in range(1, len(hierarchy.ranks))],
+              "F": jnp.asarray(hierarchy.features[-1], jnp.float32)}
+    optimizer = optax.adam(learning_rate)
+
+    def loss(p):
+        codes = p["G"]
+        for V in p["V"]:
+            codes = codes @ V
+        return jnp.mean(jnp.square(X - codes @ p["F"].T))
+
+    def project(p):
+        if not nonnegative:
+            return p
+        return {"G": jnp.maximum(p["G"], 0.0), "V": [jnp.maximum(V, 0.0) for V in p["V"]], "F": p["F"]}
+
+    def step(carry, _):
+        p, state = carry
+        value, grads = jax.value_and_grad(loss)(p)
+        updates, state = optimizer.update(grads, state, p)
+        return (project(optax.apply_updates(p, updates)), state), value
+
+    @jax.jit
+    def train(p):
+        (p, _), history = jax.lax.scan(step, (p, optimizer.init(p)), None, length=steps)
+        return p, jnp.append(history, loss(p))
+
+    trained, history = train(params)
+    history = np.asarray(history)
+    if not np.isfinite(history).all():
+        raise FloatingPointError(f"the fine-tuning loss became non-finite; try a smaller learning_rate than "
+                                 f"{learning_rate}")
+    return _from_product(hierarchy.ranks, trained), history
+
+
+def _from_product(ranks: tuple[int, ...], p: dict) -> Hierarchy:
+    """The levels of the product ``G₀ V₁ … V_L F_Lᵀ``: ``F_{l−1} = F_l V_lᵀ``, ``W_l = V_l / ‖F_{l−1}‖``,
+    ``G_l = G₀ V₁ … V_l``."""
+    Vs = [np.asarray(V, np.float32) for V in p["V"]]
+    features = [np.asarray(p["F"], np.float32)]
+    for V in reversed(Vs):
+        features.insert(0, features[0] @ V.T)
+    weights: list[np.ndarray | None] = [None]
+    for level, V in enumerate(Vs, start=1):
+        norms = np.linalg.norm(features[level - 1], axis=0)
+        weights.append(V / np.where(norms > 0, norms, 1.0)[:, None])
+    codes = [np.asarray(p["G"], np.float32)]
+    for V in Vs:
+        codes.append(codes[-1] @ V)
+    return Hierarchy(ranks, features, weights, codes)
+
