@@ -121,3 +121,30 @@ def test_report_shows_the_evaluation(demo_run, evaluated, capsys):
     records = json.loads((demo_run / "report" / "layer_01" / "features.json").read_text())["features"]
     for concept, cell in layer["steering"]["SNMF"].items():
         assert concept in [s["concept"] for s in records[cell["feature"]]["steering"]]
+
+
+@pytest.mark.real
+def test_evaluate_with_a_real_judge_and_the_sae_baseline(demo_run, tmp_path):
+    """The paths the demo's lexicon judge does not take: ``--judge`` (a likelihood-ratio judge under
+    SmolLM2-135M, fetched as the real-model tests fetch it) and ``--sae`` (a TopK SAE trained on the
+    corpus): their validation and figures are in the JSON, the SAE is scored on the same concepts."""
+    from jsnmf.models import fetch
+
+    if fetch.cached_path("smollm2-135m") is None:
+        pytest.skip("smollm2-135m is not cached: run `python -m jsnmf.models.fetch smollm2-135m`")
+    code = main(["--quiet", "evaluate", "--run", str(demo_run), "--corpus", str(demo.demo_corpus_path()),
+                 "--layers", "1", "--kl-targets", "1.0", "--n-samples", "1", "--max-new-tokens", "6",
+                 "--steer-concepts", "2", "--judge", "smollm2-135m", "--sae"])
+    assert code == 0
+    data = json.loads((demo_run / "evaluation.json").read_text())
+    judge = data["judge"]
+    assert "likelihood ratio" in judge["name"] and "SmolLM2" in judge["name"]
+    assert 0.0 <= judge["validation"]["auroc"] <= 1.0 and judge["validation"]["n_sentences"] > 0
+    layer = data["layers"]["1"]
+    sae = layer["sae"]
+    assert sae["width"] == 4 * layer["rank"] and 0.0 <= sae["dead_fraction"] <= 1.0 and 0.0 <= sae["fvu"] < 1.0
+    sae_detection = layer["detection"]["TopK SAE"]
+    assert sae_detection["site"] == "hook_mlp_out" and sae_detection["matched"] >= 1
+    for cell in layer["steering"]["SNMF"].values():
+        (target,) = cell["targets"]
+        assert target["target"] == 1.0 and target["samples"] and "score" in target
