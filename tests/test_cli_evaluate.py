@@ -77,6 +77,19 @@ def test_steer_prints_continuations_of_the_planted_concept(demo_run, evaluated, 
     assert len(words) >= 3 * 5 and sum(w in demo.CONCEPTS["animals"] for w in words) >= 0.8 * len(words), samples
 
 
+def test_steer_against_a_feature_moves_away_from_its_concept(demo_run, evaluated, capsys):
+    """``--negative`` searches α along −v: the KL target is met there too, and the text avoids the concept."""
+    j = evaluated["layers"]["1"]["steering"]["SNMF"]["animals"]["feature"]
+    code, out, err = run_cli(capsys, "steer", "--run", demo_run, "--layer", "1", "--feature", j, "--kl", "2.0",
+                             "--negative", "--n-samples", "3", "--max-new-tokens", "6")
+    assert code == 0, err
+    reached = re.search(r"\(against it: −v\) at hook_post: alpha ([\d.]+) gives KL ([\d.]+) \(target 2", out)
+    assert reached and float(reached[1]) > 0, out
+    samples = [line.split("] ", 1)[1] for line in out.splitlines() if line.startswith("[")]
+    words = " ".join(samples).split()
+    assert len(samples) == 3 and sum(w in demo.CONCEPTS["animals"] for w in words) <= 0.2 * len(words), samples
+
+
 def test_bad_input_is_one_error_line(demo_run, tmp_path, capsys):
     corpus = demo.demo_corpus_path()
     code, _, err = run_cli(capsys, "steer", "--run", demo_run, "--layer", "1", "--feature", "99", "--kl", "0.1")

@@ -93,6 +93,8 @@ def add_parsers(sub, parents) -> None:
     strength = p.add_mutually_exclusive_group(required=True)
     strength.add_argument("--kl", type=positive_float, help="KL target that sets α")
     strength.add_argument("--alpha", type=float, help="steering strength α (along the unit feature)")
+    p.add_argument("--negative", action="store_true",
+                   help="steer against the feature (along −v); with --kl the α is searched along −v, whose KL differs")
     p.set_defaults(handler=cmd_steer)
 
 
@@ -298,11 +300,14 @@ def cmd_steer(args) -> int:
     model, tokenizer, _ = _load_model(store, args.model)
     prompt = args.prompt or PAPER_PROMPT
     direction, site = steer_direction(model, args.layer, features[:, args.feature], "hook_post")
+    if args.negative:
+        direction = -direction
     alpha = args.alpha
     if args.kl is not None:
         hit = alpha_for_kl(model, direction, site, args.layer, prompt_ids(tokenizer, prompt), [args.kl]).targets[0]
         alpha = hit.alpha
-        say(f"layer {args.layer} feature {args.feature} at {site}: alpha {hit.alpha:.4g} gives KL {hit.kl:.4g} "
+        against = " (against it: −v)" if args.negative else ""
+        say(f"layer {args.layer} feature {args.feature}{against} at {site}: alpha {hit.alpha:.4g} gives KL {hit.kl:.4g} "
              f"(target {args.kl:g}" + (")" if hit.reached else f", not reached: {hit.note})"))
     else:
         say(f"layer {args.layer} feature {args.feature} at {site}: alpha {alpha:.4g}")
