@@ -11,7 +11,12 @@ n × d, rank k):
    solver takes to reach it.
 
 Per-iteration time is the slope between two warm fits of different lengths (compilation,
-initialization and transfers cancel). Writes its section of ``benchmarks/RESULTS.md``.
+initialization and transfers cancel). Every per-iteration row is measured the same way: in its own
+fresh Python process (``--row``), with the same two iteration counts, the library's default threads,
+and nothing else of the benchmark loaded. The peer row is compared with jsnmf ``mu`` without
+sparsity, the same work as overcomplete's update. (Timing the peer in the process that had just run
+the JAX fits, with 5× fewer iterations, made it 9× slower than alone: see RESULTS.md.) Writes its
+section of ``benchmarks/RESULTS.md``.
 
     python benchmarks/bench_snmf.py                 # n=8192, d=3072, k=100
     python benchmarks/bench_snmf.py --n 2048 --d 768 --k 32 --mu-iters 100   # quick
@@ -21,6 +26,10 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
+import os
+import subprocess
+import tempfile
 import statistics
 import sys
 import time
@@ -109,6 +118,30 @@ def overcomplete_per_iteration(X: np.ndarray, k: int, short: int, long: int, dev
     return per_iteration(run, short, long)
 
 
+def row_child(job: dict) -> dict:
+    """One per-iteration row in this fresh process: ``job`` names the data file, what to time and how."""
+    X_host = np.load(job["data"])
+    if job["kind"] == "overcomplete":
+        import torch
+
+        seconds = overcomplete_per_iteration(X_host, job["k"], job["short"], job["long"], job["device"])
+        return {"seconds": seconds, "threads": torch.get_num_threads(), "load": os.getloadavg()[0]}
+    import jax.numpy as jnp
+
+    X = jnp.asarray(X_host, job["dtype"])
+    seconds = per_iteration(lambda it: jsnmf_fit_seconds(X, job["k"], job["solver"], it, job["sparsity"]),
+                            job["short"], job["long"])
+    return {"seconds": seconds, "load": os.getloadavg()[0]}
+
+
+def run_row(job: dict) -> dict:
+    """:func:`row_child` in a fresh Python process."""
+    done = subprocess.run([sys.executable, __file__, "--row", json.dumps(job)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"row {job['kind']} {job.get('solver', '')} failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def time_to_target(X, k: int, mu_iters: int, sparsity: float) -> dict:
     """Relative error of ``mu_iters`` iterations of mu (random start, the paper's setting), and the
     wall time of each ``hals`` configuration to reach it, initialization included."""
@@ -162,7 +195,12 @@ def main(argv=None) -> None:
                         help="comma-separated codes solvers to time (default: every registered one, SNMF.solvers)")
     parser.add_argument("--label", default=None, help="machine label of the RESULTS.md section")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    parser.add_argument("--no-target", action="store_true", help="skip the time-to-target part (per-iteration rows only)")
+    parser.add_argument("--row", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.row:
+        print(json.dumps(row_child(json.loads(args.row))))
+        return
 
     import jax
     import jax.numpy as jnp
@@ -180,42 +218,55 @@ def main(argv=None) -> None:
 
     rows = []
     seconds = {}
-    for solver in args.solvers.split(","):
-        s = per_iteration(lambda it: jsnmf_fit_seconds(X, k, solver, it, args.sparsity), args.short, args.long)
-        seconds[solver] = s
+    scratch = tempfile.mkdtemp(prefix="bench-snmf-")
+    data = os.path.join(scratch, "X.npy")
+    np.save(data, X_host)
+    row = {"data": data, "k": k, "short": args.short, "long": args.long, "dtype": args.dtype}
+    peer = not args.no_peer and args.dtype == "float32" and load_overcomplete() is not None
+    if not args.no_peer and args.dtype == "float32" and not peer:
+        print("overcomplete is not installed: pip install --no-deps overcomplete einops scikit-learn")
+    timed = [(solver, args.sparsity) for solver in args.solvers.split(",")] + ([("mu", None)] if peer else [])
+    for solver, sparsity in timed:
+        result = run_row({**row, "kind": "jsnmf", "solver": solver, "sparsity": sparsity})
+        s = seconds[solver, sparsity] = result["seconds"]
         gflops = flops / s / 1e9
-        rows.append([f"jsnmf `{solver}`", f"{s * 1e3:.1f}", f"{gflops:.1f}", f"{gflops / rate:.0%}", "—"])
-        print(f"jsnmf {solver}: {s * 1e3:.1f} ms/iteration, {gflops:.1f} GFLOP/s, {gflops / rate:.0%} of matmul", flush=True)
+        name = f"jsnmf `{solver}`" + (" (no sparsity)" if sparsity is None else "")
+        rows.append([name, f"{s * 1e3:.1f}", f"{gflops:.1f}", f"{gflops / rate:.0%}", "—", f"{result['load']:.1f}"])
+        print(f"{name}: {s * 1e3:.1f} ms/iteration, {gflops:.1f} GFLOP/s, {gflops / rate:.0%} of matmul", flush=True)
 
-    if not args.no_peer and args.dtype == "float32":
-        peer = overcomplete_per_iteration(X_host, k, max(args.short // 5, 5), max(args.long // 5, 15), args.peer_device)
-        if peer is None:
-            print("overcomplete is not installed: pip install --no-deps overcomplete einops scikit-learn")
-        else:
-            gflops = flops / peer / 1e9
-            rows.append([f"overcomplete `SemiNMF` mu (torch, {args.peer_device}, no sparsity)", f"{peer * 1e3:.1f}",
-                         f"{gflops:.1f}", f"{gflops / rate:.0%}", f"jsnmf mu is {peer / seconds['mu']:.2f}× faster"])
-            print(f"overcomplete: {peer * 1e3:.1f} ms/iteration, {gflops:.1f} GFLOP/s", flush=True)
+    if peer:
+        result = run_row({**row, "kind": "overcomplete", "device": args.peer_device})
+        s = result["seconds"]
+        gflops = flops / s / 1e9
+        rows.append([f"overcomplete `SemiNMF` mu (torch {result['threads']} threads, {args.peer_device}, no sparsity)",
+                     f"{s * 1e3:.1f}", f"{gflops:.1f}", f"{gflops / rate:.0%}",
+                     f"jsnmf `mu` (no sparsity) is {s / seconds['mu', None]:.2f}× faster", f"{result['load']:.1f}"])
+        print(f"overcomplete: {s * 1e3:.1f} ms/iteration, {gflops:.1f} GFLOP/s", flush=True)
 
-    target = time_to_target(X, k, args.mu_iters, args.sparsity)
+    target = None if args.no_target else time_to_target(X, k, args.mu_iters, args.sparsity)
     print(f"time to target: {target}", flush=True)
 
     body = [f"### SNMF engine (`bench_snmf.py`), n={n}, d={d}, k={k}, sparsity={args.sparsity}, noise {args.noise}, X in {args.dtype}", "",
             f"Measured {args.dtype} matmul rate of the dominant product `X @ F`: **{rate:.1f} GFLOP/s**. "
             "Per-iteration time is the slope between two warm fits "
-            f"({args.short} and {args.long} iterations), median of 3; effective GFLOP/s counts 4·n·d·k per iteration.", "",
-            markdown_table(["solver", "ms / iteration", "effective GFLOP/s", "of matmul rate", "vs peer"], rows), ""]
-    body.append(f"Time to the relative error that {target['mu_iters']} iterations of `mu` reach from a random start "
-                f"({target['target_rel_err']:.4f}, sparsity {args.sparsity}, noise {args.noise}): `mu` {target['mu_seconds']:.2f} s.")
-    body.append("")
-    speed_rows = []
-    for init, found in target["hals"].items():
-        if found is None:
-            speed_rows.append([f"`hals`, init `{init}`", f"not reached in {target['mu_iters']}", "—", "—"])
-        else:
-            speed_rows.append([f"`hals`, init `{init}`", found["iters"], f"{found['seconds']:.2f}",
-                               f"{target['mu_seconds'] / found['seconds']:.1f}×"])
-    body.append(markdown_table(["solver", "iterations to target", "seconds (init included)", "faster than `mu`"], speed_rows))
+            f"({args.short} and {args.long} iterations, median of 3 each), every row in its own fresh process with the "
+            "library's default threads; effective GFLOP/s counts 4·n·d·k per iteration.", "",
+            markdown_table(["solver", "ms / iteration", "effective GFLOP/s", "of matmul rate", "vs peer",
+                            "load average at the end"], rows), ""]
+    if target is not None:
+        body.append(f"Time to the relative error that {target['mu_iters']} iterations of `mu` reach from a random "
+                    f"start ({target['target_rel_err']:.4f}, sparsity {args.sparsity}, noise {args.noise}): "
+                    f"`mu` {target['mu_seconds']:.2f} s.")
+        body.append("")
+        speed_rows = []
+        for init, found in target["hals"].items():
+            if found is None:
+                speed_rows.append([f"`hals`, init `{init}`", f"not reached in {target['mu_iters']}", "—", "—"])
+            else:
+                speed_rows.append([f"`hals`, init `{init}`", found["iters"], f"{found['seconds']:.2f}",
+                                   f"{target['mu_seconds'] / found['seconds']:.1f}×"])
+        body.append(markdown_table(["solver", "iterations to target", "seconds (init included)", "faster than `mu`"],
+                                   speed_rows))
     text = "\n".join(body)
     print("\n" + text)
     if not args.no_write:

@@ -6,6 +6,12 @@
 
 __version__ = "0.1.0"
 
+from jsnmf import compilation_cache as _compilation_cache
+
+# Before anything compiles: JAX's persistent compilation cache in a per-user folder, unless the user
+# set one or JSNMF_COMPILATION_CACHE=off (jsnmf/compilation_cache.py).
+_compilation_cache.configure()
+
 from jsnmf.estimator import SNMF
 from jsnmf.batch import fit_layers
 

@@ -79,6 +79,8 @@ Multi-process on one machine (CPU, for testing)
 
 from __future__ import annotations
 
+import functools
+
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -306,9 +308,14 @@ def sample_rows(rows: ShardedRows, indices) -> np.ndarray:
     A collective (every process must call it); it moves only the rows asked for.
     """
     index = replicate(rows.layout.padded_index(indices), rows.layout.mesh)
-    taken = jax.jit(lambda X, i: X[i].astype(np.float32),
-                    out_shardings=NamedSharding(rows.layout.mesh, PartitionSpec()))
-    return replicated_value(taken(rows.array, index))
+    return replicated_value(_row_taker(rows.layout.mesh)(rows.array, index))
+
+
+@functools.lru_cache(maxsize=16)
+def _row_taker(mesh):
+    """Compiled ``(X, indices) -> X[indices]`` replicated on ``mesh`` (one per mesh: a new jit per call
+    recompiled at every checkpointed fit)."""
+    return jax.jit(lambda X, i: X[i].astype(np.float32), out_shardings=NamedSharding(mesh, PartitionSpec()))
 
 
 def sum_over_processes(value) -> np.ndarray:

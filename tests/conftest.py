@@ -4,6 +4,8 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# No persistent compilation cache in the user's home from the suite (tests of the cache use tmp folders).
+os.environ.setdefault("JSNMF_COMPILATION_CACHE", "off")
 
 import pytest  # noqa: E402
 

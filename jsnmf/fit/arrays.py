@@ -22,7 +22,10 @@ from jsnmf.kernels.sharded import batched_block_runner, block_runner, check_mesh
 
 __all__ = ["Limits", "ArrayBackend", "BLOCK_SIZE", "active_mesh", "sharded_rows"]
 
-BLOCK_SIZE = 50  # iterations per compiled block (fewer when max_iter is smaller)
+# Iterations per compiled block, whatever max_iter: the block size is static (the length of its loss
+# buffer), so tying it to max_iter would recompile the loop for every max_iter below it. A block stops
+# early at max_iter, a checkpoint boundary or the stopping rule; its unused losses stay nan.
+BLOCK_SIZE = 50
 
 
 def active_mesh(mesh, X=None):
@@ -62,6 +65,10 @@ class Limits:
         return np.float32(self.tol), np.int32(self.patience), np.int32(self.max_iter)
 
 
+# Built once: a jit made per fit is a new function to JAX's cache, so every batched fit compiled it again.
+_batched_initial_state = jax.jit(jax.vmap(initial_state))
+
+
 class ArrayBackend:
     """``X`` (n × d), or (layers × n × d) when ``batched``, on one device or row-sharded on ``mesh``.
 
@@ -77,7 +84,7 @@ class ArrayBackend:
         self.d = X.shape[-1]
         self.sq_norm_X = squared_norm(X) if (mesh is not None or batched) else jnp.sum(jnp.square(X.astype(jnp.float32)))
         self.sq_norms = np.asarray(replicated_value(self.sq_norm_X), np.float64)
-        block_size = min(BLOCK_SIZE, int(limits.max_iter))
+        block_size = BLOCK_SIZE  # not min(BLOCK_SIZE, max_iter): max_iter is traced, never compiled in
         if mesh is not None:
             self._block = block_runner(mesh, config, block_size, batched)
         elif batched:
@@ -93,7 +100,7 @@ class ArrayBackend:
         if self.mesh is not None:
             return state_initializer(self.mesh, self.batched)(self.X, F0, G0)
         if self.batched:
-            return jax.jit(jax.vmap(initial_state))(self.X, F0, G0)
+            return _batched_initial_state(self.X, F0, G0)
         return initial_state(self.X, F0, G0)
 
     def restore(self, progress) -> object:
