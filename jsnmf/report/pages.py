@@ -38,6 +38,7 @@ span.t{border-radius:2px}span.t.at{outline:1.5px solid #1d1d1f}
 .flag.dead{background:#888}
 .note{background:#f1f4f8;border-left:3px solid #1f5fa8;padding:.4em .8em;font-size:.9em}
 div.filters{margin:.5em 0;display:flex;gap:1em;flex-wrap:wrap;align-items:center;font-size:.9em}
+div.filters input[type=number]{width:4.5em}
 th.sorter{cursor:pointer;user-select:none}th[aria-sort=ascending]::after{content:" ▲"}
 th[aria-sort=descending]::after{content:" ▼"}
 svg.hist rect{fill:#1f5fa8}svg.hist text{font-size:10px;fill:#555}
