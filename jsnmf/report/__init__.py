@@ -94,7 +94,7 @@ from jsnmf.report.pages import (UNITS_NOTE, data_uri, distinct_tokens, feature_r
 from jsnmf.report.related import active_code_matrix, closest_features
 from jsnmf.report.panels import PANELS, Panel, PanelInputs, ReportOptions, esc
 
-__all__ = ["FEATURES_FORMAT", "LayerInputs", "LayerReport", "ReportOptions", "Panel", "PanelInputs", "PANELS", "build_features",
+__all__ = ["FEATURES_FORMAT", "LayerInputs", "LayerReport", "ReportOptions", "Panel", "PanelInputs", "PANELS", "prepare", "build_features",
            "write_layer_report", "write_index", "write_report", "read_features", "render_layer_html",
            "loss_png", "codes_png", "layer_dir_name"]
 
