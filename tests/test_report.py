@@ -11,6 +11,7 @@ import pytest
 from jsnmf import report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+VOID = {"meta", "img", "br", "link", "input", "hr", "source", "wbr"}
 VOCAB = ["the", "cat", "<script>alert(1)</script>", "sat", "&amp;", "dog", "ran", "\"quoted\""]
 
 
@@ -27,7 +28,7 @@ class TagCollector(HTMLParser):
 
     def handle_starttag(self, tag, attrs):
         self.tags.append((tag, dict(attrs)))
-        if tag not in ("meta", "img", "br", "link"):
+        if tag not in VOID:
             self.stack.append(tag)
 
     def handle_endtag(self, tag):
@@ -99,8 +100,8 @@ def test_html_parses_names_every_feature_and_embeds_images(written):
     for src in images:
         assert src.startswith("data:image/png;base64,")
         assert base64.b64decode(src.split(",", 1)[1])[:8] == PNG_MAGIC
-    # No script, no stylesheet or image fetched from elsewhere: the page is self-contained.
-    assert not any(tag == "script" for tag, _ in page.tags)
+    # Only inline script, no stylesheet or image fetched from elsewhere: the page is self-contained.
+    assert all("src" not in attrs for tag, attrs in page.tags if tag == "script")
     assert not any(str(v).startswith("http") for _, attrs in page.tags for v in attrs.values())
     assert "Vocabulary projection" in text and "Labels of the top tokens" in text and "dead" in text
     assert "colours & shapes" in text
@@ -109,7 +110,7 @@ def test_html_parses_names_every_feature_and_embeds_images(written):
 def test_token_text_is_escaped(written):
     out, _ = written
     raw = (out / "report.html").read_text(encoding="utf-8")
-    assert "<script>" not in raw and "&lt;script&gt;" in raw
+    assert "<script>alert" not in raw and "&lt;script&gt;alert" in raw
     assert "<b>" not in raw and "&lt;b&gt;" in raw
     assert "&amp;amp;" in raw  # the literal token "&amp;" shown as text
 
@@ -121,15 +122,19 @@ def test_features_json_round_trip(written, synthetic):
     assert data["layer"] == 3 and data["rank"] == 3 and data["n_tokens"] == 60 and data["d_mlp"] == 12
     assert data["hook_name"] == "blocks.3.mlp.hook_post"
     assert data["fit"]["n_iter"] == 40 and data["fit"]["final_loss"] == pytest.approx(1.0)
-    codes = synthetic["codes"]
+    unit = synthetic["codes"] * np.linalg.norm(synthetic["features"], axis=0)
     for feature in data["features"]:
         j = feature["feature"]
         values = [t["value"] for t in feature["top_tokens"]]
-        assert values == sorted(codes[:, j][codes[:, j] > 0], reverse=True)[:5]
-        assert feature["density"] == pytest.approx((codes[:, j] > 0).mean())
+        active = unit[:, j][unit[:, j] >= 0.1 * unit[:, j].max()] if not feature["dead"] else []
+        assert values == sorted(values, reverse=True)
+        assert all(np.isclose(active, v, rtol=1e-6).any() for v in values)
+        if not feature["dead"]:
+            assert values[0] == pytest.approx(unit[:, j].max(), rel=1e-6)
+        assert feature["density"] == pytest.approx(len(active) / len(unit))
         for t in feature["top_tokens"]:
             c = t["context"]
-            assert codes[t["token_index"], j] == pytest.approx(t["value"])
+            assert unit[t["token_index"], j] == pytest.approx(t["value"], rel=1e-6)
             assert c["token"] == VOCAB[synthetic["token_ids"][t["token_index"]]].strip()
             # the context lies inside the token's own document
             doc = synthetic["doc_index"] == t["document"]
@@ -153,7 +158,7 @@ def test_index_links_layers(tmp_path, written):
     index = report.write_index(out.parent, [layer_report], {"model": "<tiny>"})
     page = parse(index)
     links = [attrs["href"] for tag, attrs in page.tags if tag == "a"]
-    assert links == ["layer_03/report.html"]
+    assert links == ["layer_03/report.html"] + [f"layer_03/report.html#feature-{j}" for j in range(3)]
     assert (index.parent / links[0]).is_file()
     assert "&lt;tiny&gt;" in index.read_text()
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -12,12 +12,14 @@ from tqdm.auto import tqdm
 
 from jsnmf import analysis
 from jsnmf.io.manifest import read_manifest
+from jsnmf.report.activity import Activity, activity, unit_norm_codes
+from jsnmf.report.examples import collapse_duplicates, example_record, quantile_samples
 from jsnmf.report.panels import PANELS, PanelInputs, ReportOptions
 
-__all__ = ["FEATURES_FORMAT", "FEATURES_VERSION", "LayerInputs", "LayerReport", "build_features", "read_features"]
+__all__ = ["FEATURES_FORMAT", "FEATURES_VERSION", "LayerInputs", "LayerReport", "prepare", "build_features", "read_features"]
 
 FEATURES_FORMAT = "jsnmf.report.features"
-FEATURES_VERSION = 1
+FEATURES_VERSION = 2  # 2: unit-norm codes, relative activity, windows, samples, histograms
 
 
 @dataclass
@@ -33,6 +35,10 @@ class LayerReport:
     l0: float
     relative_error: float | None
     n_iter: int | None
+    params: dict | None = None
+    recovery: dict | None = None     # the demo's concept recovery of this layer (demo.recovery_from_codes)
+    features: list = field(default_factory=list)  # per feature: a summary row for the index's search
+    activity: tuple | None = None    # (active_fraction, dead_fraction) of the activity rule
 
 
 @dataclass(frozen=True)
@@ -45,7 +51,8 @@ class LayerInputs:
     feature ``{"top": [(token, logit)], "bottom": [...]}`` (``analysis.vocab_projection``);
     ``loss_history`` and ``fit_info`` (``n_iter``, ``relative_error``, ``params``) of the fit;
     ``evaluation``: this layer's entry of ``jsnmf evaluate``'s ``evaluation.json`` (with its ``judge``
-    and ``concepts``), shown by the steering and detection panels.
+    and ``concepts``), shown by the steering and detection panels; ``related``: per feature, its closest
+    features in other layers (``[{"layer", "feature", "cosine"}]``, :mod:`jsnmf.report.related`).
     """
 
     features: np.ndarray
@@ -60,59 +67,88 @@ class LayerInputs:
     loss_history: np.ndarray | None = None
     fit_info: dict | None = None
     evaluation: dict | None = None
+    related: list[list[dict]] | None = None
 
 
-def build_features(inputs: LayerInputs, options: ReportOptions = None, progress: bool = False) -> list[dict]:
-    """The per-feature records of ``features.json`` (see :mod:`jsnmf.report`) from a layer's inputs.
+def prepare(inputs: LayerInputs, options: ReportOptions) -> tuple[np.ndarray, Activity]:
+    """The layer's codes in unit-norm units (``G·‖F_j‖``) and their :class:`Activity` under ``options``."""
+    unit = unit_norm_codes(inputs.codes, inputs.features)
+    return unit, activity(unit, options.active_fraction, options.dead_fraction)
 
-    Each panel of :data:`PANELS` adds its fields to every record.
-    """
-    features, codes, token_ids, doc_index, positions, decode = (
-        inputs.features, inputs.codes, inputs.token_ids, inputs.doc_index, inputs.positions, inputs.decode)
-    label_index, labels, vocab = inputs.label_index, inputs.labels, inputs.vocab
-    options = options or ReportOptions()
-    features, codes = np.asarray(features), np.asarray(codes)
+
+def _check(inputs: LayerInputs) -> None:
+    features, codes = np.asarray(inputs.features), np.asarray(inputs.codes)
     n_tokens, k = codes.shape
     if features.ndim != 2 or features.shape[1] != k:
         raise ValueError(f"features F {features.shape} and codes G {codes.shape} disagree on the rank")
-    for name, array in (("token_ids", token_ids), ("doc_index", doc_index), ("positions", positions)):
+    for name, array in (("token_ids", inputs.token_ids), ("doc_index", inputs.doc_index), ("positions", inputs.positions)):
         if len(array) != n_tokens:
             raise ValueError(f"{name} has {len(array)} rows but the codes G have {n_tokens}")
-    if vocab is not None and len(vocab) != k:
-        raise ValueError(f"vocab projection has {len(vocab)} rows, expected one per feature ({k})")
+    if inputs.vocab is not None and len(inputs.vocab) != k:
+        raise ValueError(f"vocab projection has {len(inputs.vocab)} rows, expected one per feature ({k})")
+    if inputs.related is not None and len(inputs.related) != k:
+        raise ValueError(f"related features have {len(inputs.related)} rows, expected one per feature ({k})")
+
+
+def _top_examples(unit: np.ndarray, act: Activity, token_ids, documents, options: ReportOptions) -> list[list]:
+    """Per feature, ``(token index, duplicates)`` of its top active tokens, near-duplicates collapsed."""
+    candidates = analysis.top_activations(unit, max(options.k_top * 4, 1))
+    return [collapse_duplicates([i for i in idx if unit[i, j] >= act.threshold[j]], token_ids, documents,
+                                options.dedup_radius, limit=options.k_top)
+            for j, idx in enumerate(candidates)]
+
+
+def build_features(inputs: LayerInputs, options: ReportOptions = None, progress: bool = False,
+                   prepared: tuple[np.ndarray, Activity] | None = None) -> list[dict]:
+    """The per-feature records of ``features.json`` (see :mod:`jsnmf.report`) from a layer's inputs.
+
+    Code values are in unit-norm units and activity follows ``options`` (:mod:`jsnmf.report.activity`);
+    ``prepared`` is :func:`prepare`'s answer when the caller has it. Each panel of :data:`PANELS` adds
+    its fields to every record.
+    """
+    options = options or ReportOptions()
+    _check(inputs)
+    unit, act = prepared if prepared is not None else prepare(inputs, options)
+    features = np.asarray(inputs.features)
+    k = unit.shape[1]
+    label_index, labels = inputs.label_index, list(inputs.labels)
     has_labels = label_index is not None and len(labels) > 0
-    token_ids = np.asarray(token_ids)
-    documents = analysis.DocumentIndex(doc_index, positions)
-    stats = analysis.code_statistics(codes)
-    top = analysis.top_activations(codes, options.k_top)
-    panel_inputs = PanelInputs(features=features, codes=codes, top=top,
-                               label_index=label_index if has_labels else None, labels=list(labels), vocab=vocab,
-                               options=options, evaluation=inputs.evaluation)
+    token_ids = np.asarray(inputs.token_ids)
+    documents = analysis.DocumentIndex(inputs.doc_index, inputs.positions)
+    top = _top_examples(unit, act, token_ids, documents, options)
+    panel_inputs = PanelInputs(features=features, codes=unit, top=[np.array([i for i, _ in t], dtype=np.int64) for t in top],
+                               label_index=label_index if has_labels else None, labels=labels, vocab=inputs.vocab,
+                               options=options, evaluation=inputs.evaluation, activity=act, related=inputs.related)
     panel_fields = [panel.compute(panel_inputs) for panel in PANELS]
+    norms = np.linalg.norm(features.astype(np.float64), axis=0)
+
+    def label_of(i):
+        return labels[int(label_index[i])] if has_labels and label_index[i] >= 0 else None
+
+    def examples(j, pairs):
+        return [example_record(i, j, unit, token_ids, documents, inputs.decode, options.window, label_of(i), n)
+                for i, n in pairs]
+
     records = []
     for j in tqdm(range(k), desc="features", disable=not progress, leave=False):
-        contexts = analysis.token_contexts(top[j], token_ids, documents, decode, options.window)
-        top_tokens = []
-        for i, context in zip(top[j], contexts):
-            label = None
-            if has_labels and label_index[i] >= 0:
-                label = labels[int(label_index[i])]
-            top_tokens.append({
-                "token_index": int(i),
-                "token": decode([int(token_ids[i])]),
-                "value": float(codes[i, j]),
-                "document": int(documents.doc_index[i]),
-                "position": int(documents.positions[i]),
-                "label": label,
-                "context": context.to_dict(),
-            })
+        samples = []
+        for interval in quantile_samples(unit[:, j], act.threshold[j], [i for i, _ in top[j]], options.n_quantiles,
+                                         options.per_quantile, seed=j):
+            pairs = collapse_duplicates(interval["indices"], token_ids, documents, options.dedup_radius,
+                                        limit=options.per_quantile)
+            samples.append({"quantiles": interval["quantiles"], "range": interval["range"],
+                            "examples": examples(j, pairs)})
         record = {
             "feature": j,
-            "density": float(stats["density"][j]),
-            "mean_code": float(stats["mean"][j]),
-            "max_code": float(stats["max"][j]),
-            "dead": bool(stats["dead"][j]),
-            "top_tokens": top_tokens,
+            "density": float(act.density[j]),
+            "threshold": None if act.dead[j] else float(act.threshold[j]),
+            "norm": float(norms[j]),
+            "mean_code": float(act.mean[j]),
+            "max_code": float(act.max[j]),
+            "dead": bool(act.dead[j]),
+            "dense": bool(act.density[j] > options.dense_density),
+            "top_tokens": examples(j, top[j]),
+            "samples": samples,
         }
         for fields in panel_fields:
             record.update(fields[j])

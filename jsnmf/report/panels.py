@@ -14,6 +14,8 @@ from typing import Callable
 import numpy as np
 
 from jsnmf import analysis
+from jsnmf.report.activity import Activity, active_histogram
+from jsnmf.report.svg import histogram_svg, signed_bars
 
 __all__ = ["ReportOptions", "PanelInputs", "Panel", "PANELS", "esc", "visible"]
 
@@ -21,20 +23,37 @@ __all__ = ["ReportOptions", "PanelInputs", "Panel", "PANELS", "esc", "visible"]
 @dataclass(frozen=True)
 class ReportOptions:
     """What a report shows: ``k_top`` top tokens per feature with ``window`` tokens of context on each
-    side, ``n_neurons`` strongest neurons, and (``vocab``) ``n_vocab`` vocabulary-projection tokens."""
+    side, ``n_neurons`` strongest neurons, and (``vocab``) ``n_vocab`` vocabulary-projection tokens.
+
+    Activity (:mod:`jsnmf.report.activity`): active at ≥ ``active_fraction`` × the feature's largest
+    code, dead below ``dead_fraction`` × the median feature's largest code; a feature is flagged dense
+    above ``dense_density``. Examples: ``n_quantiles`` intervals of the active codes, ``per_quantile``
+    sampled from each; near-duplicates (same tokens within ±``dedup_radius``) collapsed. ``hist_bins``
+    bars per activation histogram; ``n_related`` closest features listed per other layer.
+    """
 
     k_top: int = 25
     window: int = 15
     n_neurons: int = 10
     n_vocab: int = 10
     vocab: bool = True
+    active_fraction: float = 0.1
+    dead_fraction: float = 0.01
+    dense_density: float = 0.1
+    n_quantiles: int = 4
+    per_quantile: int = 3
+    dedup_radius: int = 3
+    hist_bins: int = 30
+    n_related: int = 3
 
 
 @dataclass(frozen=True)
 class PanelInputs:
-    """What a panel computes from: the factors, each feature's top tokens, the corpus labels (None when
-    the corpus has none), the vocabulary projections (None without a model), the options, and the
-    layer's evaluation (``jsnmf evaluate``; None when the run has none)."""
+    """What a panel computes from: the features F, the codes in unit-norm units (``G·‖F_j‖``), each
+    feature's top tokens, the corpus labels (None when the corpus has none), the vocabulary projections
+    (None without a model), the options, the layer's evaluation (``jsnmf evaluate``; None when the run
+    has none), the codes' :class:`~jsnmf.report.activity.Activity`, and each feature's closest features
+    in other layers (None with one layer)."""
 
     features: np.ndarray
     codes: np.ndarray
@@ -44,6 +63,8 @@ class PanelInputs:
     vocab: list | None
     options: ReportOptions
     evaluation: dict | None = None  # the layer's entry of evaluation.json (jsnmf evaluate), if any
+    activity: Activity | None = None
+    related: list | None = None
 
 
 @dataclass(frozen=True)
@@ -96,11 +117,55 @@ def _neurons_html(feature: dict) -> str:
     return f"<table><tr><th>neuron</th><th class=num>weight</th></tr>{rows}</table>"
 
 
+VOCAB_ZERO = 1e-6  # |logit| at or below this (relative to the feature's largest) counts as zero
+
+
+def _vocab_sides(feature: dict) -> tuple[list, list]:
+    """The top entries with a positive logit and the bottom ones with a negative logit (a side whose
+    logits are all about zero is empty)."""
+    values = [abs(v["logit"]) for v in feature["vocab_top"] + feature["vocab_bottom"]]
+    floor = VOCAB_ZERO * max(values, default=0.0)
+    return ([v for v in feature["vocab_top"] if v["logit"] > floor],
+            [v for v in feature["vocab_bottom"] if v["logit"] < -floor])
+
+
 def _vocab_html(feature: dict) -> str:
-    def tokens(entries):
-        return " ".join(f"<code class=tok title=\"{v['logit']:.3f}\">{visible(v['token'])}</code>" for v in entries)
-    return (f"<div><b class=pos>top</b> {tokens(feature['vocab_top'])}</div>"
-            f"<div><b class=neg>bottom</b> {tokens(feature['vocab_bottom'])}</div>")
+    top, bottom = _vocab_sides(feature)
+    if not top and not bottom:
+        return "<p class=muted>All logits are about zero.</p>"
+    scale = max(abs(v["logit"]) for v in top + bottom)
+    parts = []
+    for name, side in (("promoted", top), ("suppressed", bottom)):
+        if side:
+            parts.append(f"<div class=muted>{name}</div>" + signed_bars(
+                [(v["token"], v["logit"]) for v in side], scale,
+                label_html=lambda t: f"<code class=tok>{visible(t)}</code>"))
+    return "".join(parts)
+
+
+def _histogram(inputs: PanelInputs) -> list[dict]:
+    act = inputs.activity
+    return [{"histogram": active_histogram(inputs.codes[:, j], act.threshold[j], inputs.options.hist_bins)}
+            for j in range(inputs.codes.shape[1])]
+
+
+def _histogram_html(feature: dict) -> str:
+    h = feature["histogram"]
+    return histogram_svg(h["edges"], h["counts"])
+
+
+def _related(inputs: PanelInputs) -> list[dict]:
+    related = inputs.related or [[] for _ in range(inputs.codes.shape[1])]
+    return [{"related": list(entries)} for entries in related]
+
+
+def _related_html(feature: dict) -> str:
+    if not feature["related"]:
+        return "<p class=muted>No other layer has a similar feature.</p>"
+    rows = "".join(
+        f"<tr><td><a href=\"../layer_{r['layer']:02d}/report.html#feature-{r['feature']}\">layer {r['layer']} · "
+        f"feature {r['feature']}</a></td><td class=num>{r['cosine']:.2f}</td></tr>" for r in feature["related"])
+    return f"<table><tr><th>feature</th><th class=num>cosine</th></tr>{rows}</table>"
 
 
 def _labels_html(feature: dict) -> str:
@@ -182,10 +247,13 @@ def _detection_html(feature: dict) -> str:
 
 
 PANELS: list[Panel] = [
+    Panel("Activation histogram (active tokens)", _histogram, _histogram_html, lambda data: True),
     Panel("Strongest neurons", _neurons, _neurons_html, lambda data: True),
     Panel("Vocabulary projection", _vocab, _vocab_html,
           lambda data: any(f["vocab_top"] for f in data["features"])),
     Panel("Labels of the top tokens", _label_shares, _labels_html, lambda data: bool(data["labels"])),
     Panel("Concept detection (max-token cosine)", _detection, _detection_html, lambda data: "evaluation" in data),
     Panel("Steering at matched KL", _steering, _steering_html, lambda data: "evaluation" in data),
+    Panel("Closest features in other layers (cosine of active codes)", _related, _related_html,
+          lambda data: any(f["related"] for f in data["features"])),
 ]
