@@ -78,6 +78,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steer-concepts", type=int, default=None)
     parser.add_argument("--samples", type=int, default=None)
     parser.add_argument("--targets", type=str, default=None)
+    parser.add_argument("--signs", default="+", choices=["+", "-", "+,-"],
+                        help="steer along +v, against it (−v), or both (each sign its own α search)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -162,34 +164,37 @@ def main(argv=None) -> int:
             layer_result["detection"][method] = {"per_concept": det, "matched": len(found),
                                                  "n_distinct": len({d["feature"] for d in found}),
                                                  "auroc": bootstrap_ci([d["auroc"] for d in found], seed=args.seed)}
-            steering = {t: [] for t in targets}
-            for concept in steer_concepts:
-                j = matches[concept]["feature"]
-                if j is None:
-                    continue
-                steer_dir, steer_site = dirs[:, j], site
-                if method == "SNMF" and gemma:  # the paper's Gemma map: through down_proj and the post-FF norm
-                    steer_dir, steer_site = jm.feature_to_mlp_out(model, layer, dirs[:, j]), "hook_mlp_out"
-                search = alpha_for_kl(model, steer_dir, steer_site, layer, prompt, targets)
-                for hit in search.targets:
-                    if not hit.reached:
-                        steering[hit.target].append({"concept": concept, "reached": False, "kl": hit.kl})
+            for sign in args.signs.split(","):
+                steering = {t: [] for t in targets}
+                for concept in steer_concepts:
+                    j = matches[concept]["feature"]
+                    if j is None:
                         continue
-                    sample = steered_generate(model, tok, steer_dir, layer, steer_site, [hit.alpha],
-                                              n_samples=n_samples, seed=args.seed)[0]
-                    sample_texts = list(sample.texts)
-                    concept_raw = judge(sample_texts, [concept] * len(sample_texts))
-                    judge_fluency = judge.fluency(sample_texts)
-                    combined = scale.combine(concept_raw, judge_fluency)
-                    steering[hit.target].append({
-                        "concept": concept, "reached": True, "alpha": hit.alpha, "kl": hit.kl,
-                        "concept_score": float(combined["concept"].mean()),
-                        "fluency": float(combined["fluency"].mean()),
-                        "score": float(combined["score"].mean()), "concept_raw": float(concept_raw.mean()),
-                        "model_fluency": float(fluency_model(sample_texts).mean()), "example": sample_texts[0]})
-                    log(f"{method} / {short(concept, 24)} / KL {hit.target}: alpha {hit.alpha:.3g}, "
-                        f"score {steering[hit.target][-1]['score']:.3f}")
-            layer_result["steering"][method] = steering
+                    steer_dir, steer_site = dirs[:, j], site
+                    if method == "SNMF" and gemma:  # the paper's Gemma map: through down_proj and the post-FF norm
+                        steer_dir, steer_site = jm.feature_to_mlp_out(model, layer, dirs[:, j]), "hook_mlp_out"
+                    if sign == "-":
+                        steer_dir = -np.asarray(steer_dir)
+                    search = alpha_for_kl(model, steer_dir, steer_site, layer, prompt, targets)
+                    for hit in search.targets:
+                        if not hit.reached:
+                            steering[hit.target].append({"concept": concept, "reached": False, "kl": hit.kl})
+                            continue
+                        sample = steered_generate(model, tok, steer_dir, layer, steer_site, [hit.alpha],
+                                                  n_samples=n_samples, seed=args.seed)[0]
+                        sample_texts = list(sample.texts)
+                        concept_raw = judge(sample_texts, [concept] * len(sample_texts))
+                        judge_fluency = judge.fluency(sample_texts)
+                        combined = scale.combine(concept_raw, judge_fluency)
+                        steering[hit.target].append({
+                            "concept": concept, "reached": True, "alpha": hit.alpha, "kl": hit.kl,
+                            "concept_score": float(combined["concept"].mean()),
+                            "fluency": float(combined["fluency"].mean()),
+                            "score": float(combined["score"].mean()), "concept_raw": float(concept_raw.mean()),
+                            "model_fluency": float(fluency_model(sample_texts).mean()), "example": sample_texts[0]})
+                        log(f"{method} {sign}v / {short(concept, 24)} / KL {hit.target}: alpha {hit.alpha:.3g}, "
+                            f"score {steering[hit.target][-1]['score']:.3f}")
+                layer_result["steering"][method if sign == "+" else f"{method} (−v)"] = steering
             log(f"layer {layer} {method}: detection {fmt(layer_result['detection'][method]['auroc'])}, steering done")
         results["layers"][str(layer)] = layer_result
     results["seconds"] = time.time() - started
