@@ -13,26 +13,22 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jsnmf.blas import single_threaded_lapack
 from jsnmf.checkpoint import FitCheckpointer, data_fingerprint, fingerprint_rows, problem_manifest
-from jsnmf.distributed import ShardedRows, replicate, replicated_value, sample_rows
+from jsnmf.distributed import ShardedRows, replicate, replicated_value
 from jsnmf.dtypes import DTYPES
-from jsnmf.fit.arrays import ArrayBackend, Limits, active_mesh, sharded_rows
+from jsnmf.fit.arrays import Limits, active_mesh, sharded_rows
+from jsnmf.fit.backends import FitSpec, make_backend
 from jsnmf.fit.loop import FitResult
 from jsnmf.fit.loop import fit as fit_loop
-from jsnmf.fit.starts import initial_factors, sharded_initial_factors
-from jsnmf.fit.stream import StreamedFit
-from jsnmf.io.codes import codes_directory
 from jsnmf.io.manifest import corrupt
 from jsnmf.io.saved import MANIFEST, read_saved, write_saved
-from jsnmf.io.sources import make_plan
 from jsnmf.kernels.fit import SolverConfig, solve_codes
 from jsnmf.fit.starts import INITIALIZERS
-from jsnmf.kernels.sharded import DATA, check_mesh, codes_solver, explained_variance
+from jsnmf.kernels.sharded import check_mesh, codes_solver, explained_variance
 from jsnmf.kernels.solvers import solver_names
 from jsnmf.kernels.steps import chunk_statistics, keep_count, matmul_f32
 from jsnmf.validation import validate_matrix
@@ -212,7 +208,9 @@ class SNMF:
                       checkpoint_every=checkpoint_every, max_to_keep=max_to_keep)
         if resume and checkpoint_dir is None:
             raise ValueError("resume=True needs checkpoint_dir= (the directory the fit checkpoints into)")
-        backend, source, sample_rows = self._backend(X, layer, mesh, chunk_tokens, codes_on_disk)
+        spec = FitSpec(int(self.rank), self.init, int(self.seed), self.dtype, self.solver_config, self.limits())
+        backend, source, sample_rows = make_backend(X, layer, spec, mesh=mesh, chunk_tokens=chunk_tokens,
+                                                    codes_on_disk=codes_on_disk)
         try:
             checkpointer = self._checkpointer(checkpoint_dir, resume, backend.n_tokens, backend.d, sample_rows,
                                               source, every=checkpoint_every, max_to_keep=max_to_keep)
@@ -222,46 +220,6 @@ class SNMF:
         (result,) = fit_loop(backend, max_iter=int(self.max_iter), progress=show_progress(progress),
                              checkpointer=checkpointer)
         return self.set_fitted(result)
-
-    def _backend(self, X, layer, mesh, chunk_tokens, codes_on_disk):
-        """The data backend for ``X``, a description of the source, and a reader of its global rows."""
-        plan = make_plan(X, layer, chunk_tokens)
-        if plan is not None:
-            mesh = active_mesh(mesh)
-            backend = StreamedFit(plan, rank=int(self.rank), init=self.init, seed=int(self.seed),
-                                  config=self.solver_config(plan.d), limits=self.limits(),
-                                  compute_dtype=DTYPES[self.dtype], mesh=mesh,
-                                  work_dir=codes_directory(codes_on_disk))
-            self._check_rank(backend.n_tokens, backend.d)
-            source = dict(plan.describe(), **({} if mesh is None else {"devices": int(mesh.shape[DATA]),
-                                                                       "processes": jax.process_count()}))
-            return backend, source, backend.sample_rows
-        mesh = active_mesh(mesh, X)
-        k, dtype = int(self.rank), DTYPES[self.dtype]
-        if mesh is not None:
-            rows = sharded_rows(X, mesh, dtype)
-            self._check_rank(rows.layout.n_rows, rows.n_columns)
-            backend = ArrayBackend(rows.array, config=self.solver_config(rows.n_columns), limits=self.limits(),
-                                   starts=lambda: sharded_initial_factors(self.init, int(self.seed), rows, k),
-                                   mesh=mesh, layout=rows.layout)
-            source = {"kind": "array", "dtype": str(rows.array.dtype), "devices": int(mesh.shape[DATA]),
-                      "processes": jax.process_count()}
-            sample = lambda indices: sample_rows(rows, indices)  # noqa: E731
-        else:
-            X_given = validate_matrix(X)
-            self._check_rank(*X_given.shape)
-            X = jnp.asarray(X_given, dtype)
-            backend = ArrayBackend(X, config=self.solver_config(X.shape[1]), limits=self.limits(),
-                                   starts=lambda: initial_factors(self.init, int(self.seed), X, k))
-            source = {"kind": "array", "dtype": str(X_given.dtype)}
-            sample = lambda indices: np.asarray(X_given[indices], np.float32)  # noqa: E731
-        if float(backend.sq_norms) == 0.0:
-            raise ValueError("X is all zeros: there is nothing to factorize")
-        return backend, source, sample
-
-    def _check_rank(self, n: int, d: int) -> None:
-        if self.rank > min(n, d):
-            raise ValueError(f"rank {self.rank} exceeds min(n_tokens, d_mlp) = {min(n, d)} for X of shape {(n, d)}")
 
     def _checkpointer(self, checkpoint_dir, resume: bool, n: int, d: int, sample_rows, source: dict, *,
                       every: int, max_to_keep: int):

@@ -14,6 +14,7 @@ from typing import Callable
 import numpy as np
 
 from jsnmf import analysis
+from jsnmf.layout import layer_dir_name
 from jsnmf.report.activity import Activity, active_histogram
 from jsnmf.report.svg import histogram_svg, signed_bars
 
@@ -163,7 +164,7 @@ def _related_html(feature: dict) -> str:
     if not feature["related"]:
         return "<p class=muted>No other layer has a similar feature.</p>"
     rows = "".join(
-        f"<tr><td><a href=\"../layer_{r['layer']:02d}/report.html#feature-{r['feature']}\">layer {r['layer']} · "
+        f"<tr><td><a href=\"../{layer_dir_name(r['layer'])}/report.html#feature-{r['feature']}\">layer {r['layer']} · "
         f"feature {r['feature']}</a></td><td class=num>{r['cosine']:.2f}</td></tr>" for r in feature["related"])
     return f"<table><tr><th>feature</th><th class=num>cosine</th></tr>{rows}</table>"
 
