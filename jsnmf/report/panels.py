@@ -109,13 +109,19 @@ def visible(token: str) -> str:
     return esc(token.replace("\n", "↵").replace("\t", "⇥"))
 
 
+def _two_column_table(entries: list, empty: str, header: tuple[str, str], cells) -> str:
+    """A small table of ``entries`` (``cells(entry)`` gives its two ``<td>``s), or the ``empty`` note."""
+    if not entries:
+        return f"<p class=muted>{empty}</p>"
+    rows = "".join(f"<tr>{cells(entry)}</tr>" for entry in entries)
+    return f"<table><tr><th>{header[0]}</th><th class=num>{header[1]}</th></tr>{rows}</table>"
+
+
 def _neurons_html(feature: dict) -> str:
-    if not feature["top_neurons"]:
-        return "<p class=muted>All weights are zero.</p>"
-    rows = "".join(
-        f"<tr><td class=num>{n['neuron']}</td><td class=\"num {'pos' if n['weight'] > 0 else 'neg'}\">"
-        f"{n['weight']:+.3f}</td></tr>" for n in feature["top_neurons"])
-    return f"<table><tr><th>neuron</th><th class=num>weight</th></tr>{rows}</table>"
+    return _two_column_table(
+        feature["top_neurons"], "All weights are zero.", ("neuron", "weight"),
+        lambda n: f"<td class=num>{n['neuron']}</td><td class=\"num {'pos' if n['weight'] > 0 else 'neg'}\">"
+                  f"{n['weight']:+.3f}</td>")
 
 
 VOCAB_ZERO = 1e-6  # |logit| at or below this (relative to the feature's largest) counts as zero
@@ -161,12 +167,10 @@ def _related(inputs: PanelInputs) -> list[dict]:
 
 
 def _related_html(feature: dict) -> str:
-    if not feature["related"]:
-        return "<p class=muted>No other layer has a similar feature.</p>"
-    rows = "".join(
-        f"<tr><td><a href=\"../{layer_dir_name(r['layer'])}/report.html#feature-{r['feature']}\">layer {r['layer']} · "
-        f"feature {r['feature']}</a></td><td class=num>{r['cosine']:.2f}</td></tr>" for r in feature["related"])
-    return f"<table><tr><th>feature</th><th class=num>cosine</th></tr>{rows}</table>"
+    return _two_column_table(
+        feature["related"], "No other layer has a similar feature.", ("feature", "cosine"),
+        lambda r: f"<td><a href=\"../{layer_dir_name(r['layer'])}/report.html#feature-{r['feature']}\">layer "
+                  f"{r['layer']} · feature {r['feature']}</a></td><td class=num>{r['cosine']:.2f}</td>")
 
 
 def _labels_html(feature: dict) -> str:
