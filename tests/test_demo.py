@@ -25,7 +25,7 @@ def _words(text):
 
 
 def test_shipped_corpus_is_the_generated_one():
-    assert demo.read_demo_corpus() == demo._compose_corpus()
+    assert demo.read_demo_corpus() == demo.compose_corpus()
 
 
 def test_corpus_labels_match_the_concept_words():

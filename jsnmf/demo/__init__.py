@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from jsnmf.demo.corpus import CONCEPTS, _compose_corpus, demo_corpus_path, read_demo_corpus
+from jsnmf.demo.corpus import CONCEPTS, compose_corpus, demo_corpus_path, read_demo_corpus
 from jsnmf.demo.model import PLANTED_FILE, DemoSpec, build_demo_model, read_planted
 
 __all__ = [
     "CONCEPTS", "DemoSpec", "DEMO_LAYERS", "DEMO_RANK", "DEMO_SPARSITY", "DEMO_MAX_ITER", "DEMO_INIT",
     "PLANTED_FILE", "demo_corpus_path", "read_demo_corpus", "build_demo_model", "read_planted",
-    "recovery_from_codes", "_compose_corpus",
+    "recovery_from_codes", "compose_corpus",
 ]
 
 # The settings `jsnmf run` uses for the demo; they recover every planted concept.

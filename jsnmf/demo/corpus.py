@@ -1,7 +1,7 @@
 """The demo's labelled corpus: the planted concepts' words and the template sentences that hold them.
 
 The shipped file (``jsnmf/data/demo_corpus.jsonl``) is a few hundred template sentences, each labelled
-with the concept(s) whose words it holds (``"filler"`` for none); ``_compose_corpus`` regenerates it.
+with the concept(s) whose words it holds (``"filler"`` for none); ``compose_corpus`` regenerates it.
 """
 
 from __future__ import annotations
@@ -159,7 +159,7 @@ def _word_cycles(rng: random.Random) -> dict[str, itertools.cycle]:
     return cycles
 
 
-def _compose_corpus(seed: int = 0) -> list[dict]:
+def compose_corpus(seed: int = 0) -> list[dict]:
     """The demo corpus as records ``{"text", "label"}``; the shipped file is this, written as JSONL."""
     rng = random.Random(seed)
     words = _word_cycles(rng)
