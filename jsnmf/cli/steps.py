@@ -205,12 +205,11 @@ def store_source(store, layer: int) -> dict:
 
 def step_report(run_dir: Path, store_dir: Path, layers, args, progress: bool) -> Path:
     from jsnmf.report import ReportOptions, write_report
-    from jsnmf.store import MANIFEST
+    from jsnmf.store import ActivationStore
 
     if not Path(run_dir).is_dir():
         raise FileNotFoundError(f"run directory not found: {run_dir}")
-    if not (Path(store_dir) / MANIFEST).is_file():
-        raise FileNotFoundError(f"no activation store in {store_dir} (is {run_dir} a jsnmf run folder?)")
+    ActivationStore.open(store_dir)  # not a store: its error, before anything is said or written
     say("writing the report")
     options = ReportOptions(k_top=args.top_k, window=args.window, vocab=not args.no_vocab)
     return write_report(run_dir, store_dir=store_dir, layers=layers, options=options, progress=progress,
