@@ -418,7 +418,7 @@ class SNMF:
 
         self._check_fitted("export")
         G = np.asarray(self.codes_) if codes else None
-        if codes and G.ndim != 2:
+        if codes and (G.ndim != 2 or G.shape[0] == 0):
             raise ValueError("codes=True, but this model holds no codes (it was loaded from an export without G)")
         if n_tokens is None and np.ndim(self.codes_) == 2:
             n_tokens = int(np.shape(self.codes_)[0])
