@@ -8,6 +8,10 @@ A run folder (``jsnmf run``; ``jsnmf extract/fit/report`` step by step) holds::
     report/index.html               the report (jsnmf.report)
     report/layer_{L:02d}/           report.html, features.json, loss.png, codes.png
     evaluation.json                 ``jsnmf evaluate``: detection and steering (jsnmf.evaluation.run)
+    export/layer_{L:02d}/           ``jsnmf export``: features.safetensors + cfg.json (jsnmf.io.export)
+
+Paths the store records (model, tokenizer) are relative to the run folder when they lie in it, so the
+folder can be moved or shared.
 """
 
 from __future__ import annotations
