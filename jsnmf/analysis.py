@@ -197,8 +197,9 @@ def vocab_projection(logits: np.ndarray, decode: Decode, n: int = 10
 def project_features_to_vocab(model, layer: int, features: np.ndarray, decode: Decode, n: int = 10,
                               site: str = "hook_post"):
     """``vocab_projection`` of ``model.project_to_vocab(layer, F, site)`` (the paper's logit-lens view)."""
-    logits = np.asarray(model.project_to_vocab(layer, np.asarray(features, dtype=np.float32), site=site),
-                        dtype=np.float32)
+    features = np.asarray(features, dtype=np.float32)
+    extra = {} if site == "hook_post" else {"site": site}  # hook_post: any object with project_to_vocab(layer, F)
+    logits = np.asarray(model.project_to_vocab(layer, features, **extra), dtype=np.float32)
     return vocab_projection(logits, decode, n)
 
 

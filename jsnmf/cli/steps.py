@@ -64,11 +64,15 @@ def _rank_message(rank: int, limit: int, why: str) -> str:
 
 
 def _check_rank_against_config(model: str, rank: int, hook: str) -> None:
-    """Refuse a rank wider than the layer, from the model's config alone (no weights read); a model
-    whose config cannot be read here is checked after tokenizing instead."""
+    """Refuse a rank wider than the layer, from the model's ``config.json`` alone (no weights read). A
+    GGUF file (whose metadata takes as long to parse as loading it) or a model whose config cannot be
+    read here is checked after tokenizing instead (``_rank_check``)."""
     from jsnmf.layout import hook_width
+    from jsnmf.models.gguf import is_gguf
     from jsnmf.models.loading import load_config, resolve_checkpoint_dir
 
+    if is_gguf(model):
+        return
     try:
         config = load_config(resolve_checkpoint_dir(model))
     except (OSError, ValueError):
