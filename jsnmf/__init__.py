@@ -16,3 +16,15 @@ from jsnmf.estimator import SNMF
 from jsnmf.batch import fit_layers
 
 __all__ = ["SNMF", "fit_layers", "__version__"]
+
+# Sub-packages reachable as attributes after a plain ``import jsnmf`` (``jsnmf.models.load(...)``),
+# imported on first use so that ``import jsnmf`` stays light.
+_LAZY = ("models", "kernels", "evaluation", "store", "report", "presets", "demo", "analysis", "extract")
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return importlib.import_module(f"jsnmf.{name}")
+    raise AttributeError(f"module 'jsnmf' has no attribute {name!r}")

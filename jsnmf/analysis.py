@@ -194,9 +194,12 @@ def vocab_projection(logits: np.ndarray, decode: Decode, n: int = 10
     return result
 
 
-def project_features_to_vocab(model, layer: int, features: np.ndarray, decode: Decode, n: int = 10):
-    """``vocab_projection`` of ``model.project_to_vocab(layer, F)`` (the paper's logit-lens view)."""
-    logits = np.asarray(model.project_to_vocab(layer, np.asarray(features, dtype=np.float32)), dtype=np.float32)
+def project_features_to_vocab(model, layer: int, features: np.ndarray, decode: Decode, n: int = 10,
+                              site: str = "hook_post"):
+    """``vocab_projection`` of ``model.project_to_vocab(layer, F, site)`` (the paper's logit-lens view)."""
+    features = np.asarray(features, dtype=np.float32)
+    extra = {} if site == "hook_post" else {"site": site}  # hook_post: any object with project_to_vocab(layer, F)
+    logits = np.asarray(model.project_to_vocab(layer, features, **extra), dtype=np.float32)
     return vocab_projection(logits, decode, n)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -157,9 +158,12 @@ class SNMF:
 
     def solver_config(self, d: int) -> SolverConfig:
         """The static settings of the compiled iteration for ``d_mlp = d``."""
+        n_keep = keep_count(self.sparsity, d)
+        if n_keep is not None and n_keep < FEW_NEURONS:
+            warnings.warn(few_neurons_message(self.sparsity, d, n_keep), FewNeuronsWarning, stacklevel=4)
         return SolverConfig(
             solver=self.solver,
-            n_keep=keep_count(self.sparsity, d),
+            n_keep=n_keep,
             ridge=float(self.ridge),
             hals_sweeps=int(self.hals_sweeps),
         )
@@ -335,33 +339,91 @@ class SNMF:
 
     # -- checkpoints ----------------------------------------------------------------------------
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the fitted factors with orbax and a JSON manifest into directory ``path``
-        (:mod:`jsnmf.io.saved`). Written beside ``path`` and renamed into place, so a kill never leaves
-        a half checkpoint."""
-        self._check_fitted("save")
+    def _saved_params(self) -> dict:
         params = self.get_params()
         if not isinstance(params["init"], str):
             params["init"] = "arrays"
+        return params
+
+    def _source(self, source: dict | None) -> dict | None:
+        """``source`` (model, layer, hook), else the one this model was loaded with (``source_``)."""
+        source = source if source is not None else getattr(self, "source_", None)
+        if source is None:
+            return None
+        unknown = sorted(set(source) - set(SOURCE_KEYS))
+        if unknown:
+            raise ValueError(f"source names {unknown}; it may name {list(SOURCE_KEYS)}")
+        return {key: source.get(key) for key in SOURCE_KEYS}
+
+    def save(self, path: str | os.PathLike, *, source: dict | None = None) -> Path:
+        """Write the fitted factors with orbax and a JSON manifest into directory ``path``
+        (:mod:`jsnmf.io.saved`). Written beside ``path`` and renamed into place, so a kill never leaves
+        a half checkpoint. ``source``: what ``X`` came from, ``{"model", "layer", "hook"}`` (any may
+        be None), recorded in the manifest (default: ``source_`` of a loaded model)."""
+        self._check_fitted("save")
         arrays = {"features": self.features_, "codes": self.codes_, "loss_history": self.loss_history_}
         facts = {"n_iter": self.n_iter_, "n_features_in": self.n_features_in_,
                  "reconstruction_err": self.reconstruction_err_, "relative_error": self.relative_error_}
-        return write_saved(path, params, arrays, facts)
+        return write_saved(path, self._saved_params(), arrays, facts, source=self._source(source))
+
+    def export(self, path: str | os.PathLike, *, codes: bool = False, source: dict | None = None,
+               n_tokens: int | None = None) -> Path:
+        """Write ``features.safetensors`` (``F``; with ``codes=True`` also ``G``) and ``cfg.json`` into
+        folder ``path`` (:mod:`jsnmf.io.export`): readable with ``safetensors`` alone, in NumPy or
+        PyTorch, and back with :meth:`load`. ``source``: ``{"model", "layer", "hook"}`` as in
+        :meth:`save`; ``n_tokens``: tokens fitted (default: the rows of ``codes_``)."""
+        from jsnmf.io.export import write_export
+
+        self._check_fitted("export")
+        G = np.asarray(self.codes_) if codes else None
+        if codes and (G.ndim != 2 or G.shape[0] == 0):
+            raise ValueError("codes=True, but this model holds no codes (it was loaded from an export without G)")
+        if n_tokens is None and np.ndim(self.codes_) == 2:
+            n_tokens = int(np.shape(self.codes_)[0])
+        facts = {"n_iter": self.n_iter_, "relative_error": self.relative_error_}
+        return write_export(path, np.asarray(self.features_), G, params=self._saved_params(), facts=facts,
+                            source=self._source(source), n_tokens=n_tokens)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "SNMF":
-        """Read a checkpoint written by :meth:`save`; a manifest or arrays that do not fit together
-        raise one ValueError naming the checkpoint and the problem."""
-        path = Path(path).absolute()
-        saved = read_saved(path)
+    def _from_params(cls, params: dict, path: Path, manifest_name: str) -> "SNMF":
         # settings this jsnmf no longer takes (runtime settings saved by older versions) are left out
-        params = {name: value for name, value in saved.params.items() if name in cls._param_names()}
+        params = {name: value for name, value in params.items() if name in cls._param_names()}
         if params.get("init") == "arrays":
             params["init"] = "random"
         try:
-            model = cls(**params)
+            return cls(**params)
         except (TypeError, ValueError) as err:
-            raise corrupt(path, f"its params are not valid SNMF settings ({err})", MANIFEST) from None
+            raise corrupt(path, f"its params are not valid SNMF settings ({err})", manifest_name) from None
+
+    @classmethod
+    def _load_export(cls, path: Path) -> "SNMF":
+        from jsnmf.io.export import CFG_FILE, read_export
+
+        cfg, arrays = read_export(path)
+        model = cls._from_params(cfg["params"], path, CFG_FILE)
+        model.features_ = arrays["F"]
+        model.codes_ = arrays.get("G", np.zeros((0, cfg["rank"]), np.float32))
+        model.loss_history_ = np.zeros(0, np.float32)
+        model.n_iter_ = int(cfg["n_iter"])
+        model.n_features_in_ = int(cfg["d_in"])
+        model.relative_error_ = float(cfg["relative_error"])
+        model.reconstruction_err_ = float("nan")
+        model.source_ = {"model": cfg.get("model_name"), "layer": cfg.get("layer"), "hook": cfg.get("hook_name")}
+        return model
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "SNMF":
+        """Read a checkpoint written by :meth:`save`, or an export written by :meth:`export` (then
+        ``codes_`` holds ``G`` when it was exported, else no rows, and ``loss_history_`` is empty); a
+        manifest or arrays that do not fit together raise one ValueError naming the folder and the
+        problem. ``source_`` is what the fit came from (``{"model", "layer", "hook"}``), or None."""
+        from jsnmf.io.export import is_export
+
+        path = Path(path).absolute()
+        if is_export(path) and not (path / MANIFEST).is_file():
+            return cls._load_export(path)
+        saved = read_saved(path)
+        model = cls._from_params(saved.params, path, MANIFEST)
         arrays = saved.restore()
         model.features_ = arrays["features"]
         model.codes_ = arrays["codes"]
@@ -370,11 +432,26 @@ class SNMF:
         model.n_features_in_ = int(saved.facts["n_features_in"])
         model.reconstruction_err_ = float(saved.facts["reconstruction_err"])
         model.relative_error_ = float(saved.facts["relative_error"])
+        model.source_ = saved.source
         return model
 
     def __repr__(self) -> str:
         shown = {k: v for k, v in self.get_params().items() if not (k == "init" and not isinstance(v, str))}
         return f"SNMF({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
+
+
+FEW_NEURONS = 4  # fewer neurons than this per feature draws a FewNeuronsWarning
+SOURCE_KEYS = ("model", "layer", "hook")  # what a saved or exported fit records about its X
+
+
+class FewNeuronsWarning(UserWarning):
+    """The sparsity keeps so few neurons per feature that the features are nearly single neurons."""
+
+
+def few_neurons_message(sparsity: float, d: int, n_keep: int) -> str:
+    return (f"sparsity {sparsity} keeps ceil({sparsity}·{d}) = {n_keep} of {d} neurons per feature (fewer than "
+            f"{FEW_NEURONS}): the features are nearly single neurons. Sparsity is a fraction of the width, so "
+            "a narrow layer needs a larger value, or none (sparsity=None; CLI: --sparsity none)")
 
 
 def show_progress(progress: bool | None) -> bool:

@@ -1,4 +1,5 @@
-"""Extract MLP activations (``blocks.{L}.mlp.hook_post``) of a corpus into an ActivationStore.
+"""Extract MLP activations (``blocks.{L}.mlp.hook_post``; or, with ``hook=``, ``blocks.{L}.hook_mlp_out``
+or ``blocks.{L}.hook_resid_post``) of a corpus into an ActivationStore.
 
 One forward pass captures every requested layer (it stops after the last one). Documents are
 tokenized with the model's own tokenizer, the BOS prepended as the paper does for every family
@@ -24,7 +25,7 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import jax
@@ -37,10 +38,11 @@ from jsnmf import models
 from jsnmf.corpus import Corpus, read_corpus
 from jsnmf.models.loading import resolve_checkpoint_dir
 from jsnmf.dtypes import DTYPES
+from jsnmf.layout import HOOK_SITES, hook_name, hook_width
 from jsnmf.batches import Batch, BosPolicy, TokenPlan, bos_policy, bucket_length, make_batch, plan_tokens
 from jsnmf.store import MANIFEST, ActivationStore, check_dtype, remove_store
 
-__all__ = ["extract", "run_batches", "bucket_length", "STORE_CHUNK_TOKENS"]
+__all__ = ["extract", "run_batches", "bucket_length", "STORE_CHUNK_TOKENS", "recorded_path"]
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +66,10 @@ def extract(
     add_bos: bool | None = True,
     chunk_tokens: int = STORE_CHUNK_TOKENS,
     compute_dtype: str = "float32",
+    hook: str = "hook_post",
     resume: bool = True,
     progress: bool = True,
+    before_forward: Callable[[int, int], None] | None = None,
 ) -> ActivationStore:
     """Run ``model_path_or_id`` over the corpus and store the MLP activations of ``layers`` in ``out_dir``.
 
@@ -77,6 +81,14 @@ def extract(
     activations out of ``X`` (an attention-sink outlier, the same in every document) when a BOS is
     there. Padding never reaches ``X``. The manifest's ``"bos"`` entry records what was prepended and
     what was dropped.
+    ``hook``: the capture point, by its TransformerLens site name: ``"hook_post"`` (the MLP
+    activation, d_mlp wide, the paper's), ``"hook_mlp_out"`` or ``"hook_resid_post"`` (d_model wide);
+    the store's ``hook_names`` and ``hook_site`` say which, its ``d_mlp`` is that width.
+    ``before_forward(n_tokens, width)``: called after tokenization, before the first forward pass
+    (and before anything is written), to refuse early what the tokens make impossible (e.g. a rank
+    larger than ``min(n_tokens, width)``); it raises to stop.
+    The model and tokenizer paths are recorded relative to the store's run folder when they lie in
+    it (``ActivationStore.model_path`` resolves them), so a run folder can be moved.
     ``resume``: continue an interrupted extraction in ``out_dir`` (a store of a different corpus,
     model or settings is refused); with False an existing store in ``out_dir`` is replaced.
     Returns the finished store.
@@ -84,6 +96,8 @@ def extract(
     layers = _check_settings(layers, max_length, batch_size, dtype, chunk_tokens)
     if compute_dtype not in ("float32", "bfloat16"):
         raise ValueError(f"compute_dtype must be 'float32' or 'bfloat16', got {compute_dtype!r}")
+    if hook not in HOOK_SITES:
+        raise ValueError(f"hook must be one of {HOOK_SITES}, got {hook!r}")
     corpus = read_corpus(corpus_path)  # before loading the model: bad input fails fast
     out_dir = Path(out_dir).expanduser().resolve()
 
@@ -106,13 +120,17 @@ def extract(
         log.warning("%d of %d documents were truncated to max_length=%d tokens",
                     plan.n_truncated, len(corpus), max_length)
 
+    width = hook_width(hook, config.d_mlp, config.d_model)
+    if before_forward is not None:
+        before_forward(plan.n_tokens, width)
     meta = _manifest_meta(model_path_or_id, model_dir, config, tokenizer, corpus, bos, plan, layers, dtype,
-                          compute_dtype, max_length, batch_size, drop_bos, chunk_tokens, add_bos)
-    writer = _open_writer(out_dir, meta, corpus, layers, config.d_mlp, dtype, chunk_tokens, resume)
+                          compute_dtype, max_length, batch_size, drop_bos, chunk_tokens, add_bos,
+                          run_dir=out_dir.parent, hook=hook)
+    writer = _open_writer(out_dir, meta, corpus, layers, width, dtype, chunk_tokens, resume, hook)
     if writer is None:  # the store in out_dir is already complete
         return ActivationStore.open(out_dir)
     try:
-        run_batches(model, plan, writer, layers, dtype, progress)
+        run_batches(model, plan, writer, layers, dtype, progress, hook)
         return writer.close()
     finally:
         writer.abort()
@@ -148,7 +166,8 @@ def _check_layers(layers: list[int], config) -> None:
 # ---------------------------------------------------------------- the store
 
 
-def _open_writer(out_dir: Path, meta: dict, corpus: Corpus, layers, d_mlp, dtype, chunk_tokens, resume: bool):
+def _open_writer(out_dir: Path, meta: dict, corpus: Corpus, layers, d_mlp, dtype, chunk_tokens, resume: bool,
+                 hook: str = "hook_post"):
     """The writer to continue or start the store in ``out_dir``; None if it is already complete."""
     if (out_dir / MANIFEST).is_file():
         if not resume:
@@ -161,7 +180,7 @@ def _open_writer(out_dir: Path, meta: dict, corpus: Corpus, layers, d_mlp, dtype
             return ActivationStore.resume(out_dir)
     return ActivationStore.create(
         out_dir, layers=layers, d_mlp=d_mlp, dtype=dtype, chunk_tokens=chunk_tokens, meta=meta,
-        documents=corpus.documents, labels=corpus.labels,
+        documents=corpus.documents, labels=corpus.labels, site=hook,
     )
 
 
@@ -174,7 +193,7 @@ def _check_same_run(existing: ActivationStore, meta: dict) -> None:
     if differences:
         raise ValueError(
             f"{existing.path}: refusing to resume, the store was made from a different run ("
-            + "; ".join(differences) + "). Use another out_dir, or resume=False to replace it."
+            + "; ".join(differences) + "). Use another out_dir, or resume=False (CLI: --overwrite) to replace it."
         )
 
 
@@ -198,15 +217,28 @@ def _bos_record(bos: BosPolicy, add_bos: bool | None, plan: TokenPlan) -> dict:
     }
 
 
+def recorded_path(path: Path, run_dir: Path | None) -> str:
+    """``path`` as a store records it: relative to the run folder (``run_dir``, the store's parent) when
+    it lies inside it, so that the folder can be moved or shared; else absolute."""
+    path = Path(path).resolve()
+    if run_dir is not None:
+        try:
+            return path.relative_to(Path(run_dir).resolve()).as_posix()
+        except ValueError:
+            pass
+    return str(path)
+
+
 def _manifest_meta(model_path_or_id, model_dir: Path, config, tokenizer, corpus, bos, plan, layers, dtype,
-                   compute_dtype, max_length, batch_size, drop_bos, chunk_tokens, add_bos=None) -> dict:
+                   compute_dtype, max_length, batch_size, drop_bos, chunk_tokens, add_bos=None,
+                   run_dir: Path | None = None, hook: str = "hook_post") -> dict:
     model_dir = Path(model_dir).resolve()
     name_or_path = getattr(tokenizer, "name_or_path", None)
     tokenizer_dir = Path(name_or_path).resolve() if name_or_path and Path(name_or_path).is_dir() else model_dir
     config_sha = _file_sha256(model_dir / "config.json")
     tokenizer_sha = _file_sha256(tokenizer_dir / "tokenizer.json")
     tokenizer_info = {
-        "path": str(tokenizer_dir),
+        "path": recorded_path(tokenizer_dir, run_dir),
         "class": type(tokenizer).__name__,
         "vocab_size": len(tokenizer),
         "bos_token_id": bos.token_id,
@@ -215,14 +247,18 @@ def _manifest_meta(model_path_or_id, model_dir: Path, config, tokenizer, corpus,
         "tokenizer_json_sha256": tokenizer_sha,
     }
     identity = {
-        "model": str(model_dir), "model_config_sha256": config_sha, "model_type": config.model_type,
+        "model": recorded_path(model_dir, run_dir), "model_config_sha256": config_sha, "model_type": config.model_type,
         "n_layers": config.n_layers, "d_mlp": config.d_mlp, "tokenizer_json_sha256": tokenizer_sha,
         "corpus_sha256": corpus.sha256, "layers": layers, "dtype": dtype, "max_length": max_length,
         "batch_size": batch_size, "drop_bos": drop_bos, "bos_present": bos.present, "chunk_tokens": chunk_tokens,
         "compute_dtype": compute_dtype, "plan_version": _PLAN_VERSION,
+        **({} if hook == "hook_post" else {"hook_site": hook}),  # stores made before hooks resume as before
     }
     return {
-        "model": {"path_or_id": str(model_path_or_id), "path": str(model_dir), "model_type": config.model_type,
+        "model": {"path_or_id": (recorded_path(Path(model_path_or_id).expanduser(), run_dir)
+                                 if Path(model_path_or_id).expanduser().exists() else str(model_path_or_id)),
+                  "path": recorded_path(model_dir, run_dir),
+                  "model_type": config.model_type,
                   "n_layers": config.n_layers, "d_model": config.d_model, "config_sha256": config_sha},
         "model_type": config.model_type,
         "corpus": {"path": corpus.path, "sha256": corpus.sha256, "format": corpus.format},
@@ -243,7 +279,8 @@ def _manifest_meta(model_path_or_id, model_dir: Path, config, tokenizer, corpus,
 # ---------------------------------------------------------------- the loop
 
 
-def run_batches(model, plan: TokenPlan, writer, layers: list[int], dtype: str, progress: bool) -> None:
+def run_batches(model, plan: TokenPlan, writer, layers: list[int], dtype: str, progress: bool,
+                hook: str = "hook_post") -> None:
     committed = writer.n_committed
     if committed >= plan.n_tokens:
         return
@@ -258,9 +295,10 @@ def run_batches(model, plan: TokenPlan, writer, layers: list[int], dtype: str, p
     cast_on_device = DTYPES[dtype].itemsize < np.dtype(model.dtype).itemsize
 
     def forward(batch: Batch):
-        out = model(batch.input_ids, attention_mask=batch.attention_mask, capture=layers,
+        names = [hook_name(layer, hook) for layer in layers]
+        out = model(batch.input_ids, attention_mask=batch.attention_mask, capture=names,
                     stop_at_layer=max(layers) + 1)  # runs blocks 0..max(layers) only
-        acts = tuple(out.mlp_activations[layer] for layer in layers)
+        acts = tuple(out.activations[name] for name in names)
         if not cast_on_device:
             return acts, None
         keep = np.zeros(batch.input_ids.shape, bool)

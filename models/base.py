@@ -12,6 +12,8 @@ from flax import nnx
 
 from .config import ModelConfig
 from .layers import AttentionMasks, build_masks
+from jsnmf.layout import parse_hook_name
+
 from .outputs import ModelOutput, hook_name
 from .steering import Steering, SteeringPlan, apply_steering, build_plan
 
@@ -37,6 +39,16 @@ class CausalLM(nnx.Module):
         """What the MLP adds to the residual stream for activation ``h``, without any bias."""
         raise NotImplementedError
 
+    def mlp_output_bias(self, layer: int) -> jax.Array | None:
+        """The MLP output's bias (GPT-2's ``c_proj.bias``), None for families without one."""
+        return None
+
+    def mlp_out(self, layer: int, h: jax.Array) -> jax.Array:
+        """``blocks.{L}.hook_mlp_out``: what the MLP adds to the residual stream, bias included."""
+        out = self.mlp_output(layer, h)
+        bias = self.mlp_output_bias(layer)
+        return out if bias is None else out + bias
+
     def final_logits(self, x: jax.Array) -> jax.Array:
         """Final norm, unembedding (and Gemma 2's final soft-cap)."""
         raise NotImplementedError
@@ -48,7 +60,7 @@ class CausalLM(nnx.Module):
         positions: jax.Array,
         masks: AttentionMasks,
         plan: SteeringPlan | None,
-        capture: tuple[int, ...],
+        capture: tuple[tuple[int, str], ...],
         n_run: int,
         want_logits: bool,
         cache: tuple | None = None,
@@ -56,18 +68,24 @@ class CausalLM(nnx.Module):
         last_logits_only: bool = False,
     ):
         """Embed, run blocks ``0..n_run-1``, optionally unembed (only the last column with
-        ``last_logits_only``). Traced under jit; returns ``(logits | None, {layer: h}, new_cache | None)``."""
+        ``last_logits_only``). ``capture``: ``(layer, site)`` pairs. Traced under jit; returns
+        ``(logits | None, {(layer, site): value}, new_cache | None)``."""
         x = self.embed(ids, positions)
         acts, new_cache = {}, []
         for i in range(n_run):
             kv = None if cache is None else cache[i]
-            skip_tail = i == n_run - 1 and not want_logits and cache is None
+            residual_site = (i, "hook_mlp_out") in capture or (i, "hook_resid_post") in capture
+            skip_tail = i == n_run - 1 and not want_logits and cache is None and not residual_site
             x, h, kv = self.block(i, x, positions, masks, plan, kv, start, mlp_only_tail=skip_tail)
+            if (i, "hook_mlp_out") in capture:  # recomputed from h: the blocks keep no copy of it
+                acts[(i, "hook_mlp_out")] = apply_steering(self.mlp_out(i, h), plan, i, site="hook_mlp_out")
             # hook_mlp_out steering: the MLP output's only consumer is the residual add, so adding there
             # is adding to the residual right after the block (families need no hook of their own)
             x = apply_steering(x, plan, i, site="hook_mlp_out")
-            if i in capture:
-                acts[i] = h
+            if (i, "hook_post") in capture:
+                acts[(i, "hook_post")] = h
+            if (i, "hook_resid_post") in capture:
+                acts[(i, "hook_resid_post")] = x
             new_cache.append(kv)
         if last_logits_only:
             x = x[:, -1:]
@@ -86,8 +104,10 @@ class CausalLM(nnx.Module):
         """Forward pass over a (padded) batch.
 
         ``input_ids`` [batch, seq] ints (NumPy or JAX); ``attention_mask`` [batch, seq] of 0/1 (left or
-        right padding; positions are ``cumsum(mask) - 1``). ``capture``: layers (ints or hook names
-        ``blocks.{l}.mlp.hook_post``) whose MLP activation to return. ``steering``: one ``Steering`` or a
+        right padding; positions are ``cumsum(mask) - 1``). ``capture``: layers (ints: their MLP
+        activation, ``blocks.{l}.mlp.hook_post``) or TransformerLens hook names
+        (``blocks.{l}.mlp.hook_post``, ``blocks.{l}.hook_mlp_out``, ``blocks.{l}.hook_resid_post``)
+        to return (``out.mlp_activations[l]`` for hook_post, ``out.activations[name]`` for every one). ``steering``: one ``Steering`` or a
         list (at ``hook_post`` or ``hook_mlp_out``; see ``jsnmf.models.steering``). ``stop_at_layer=L``
         runs only blocks ``0..L-1`` and skips the unembedding (``logits`` is None); captured layers must
         then be ``< L``. Compiled once per (batch, seq), capture set,
@@ -95,19 +115,21 @@ class CausalLM(nnx.Module):
         """
         cfg = self.config
         ids, mask = check_inputs(input_ids, attention_mask, cfg)
-        layers = normalize_capture(capture, cfg.n_layers)
+        sites = normalize_capture(capture, cfg.n_layers)
         if stop_at_layer is None:
             n_run, want_logits = cfg.n_layers, True
         else:
             if not isinstance(stop_at_layer, (int, np.integer)) or not 0 < stop_at_layer <= cfg.n_layers:
                 raise ValueError(f"stop_at_layer must be an int in [1, {cfg.n_layers}], got {stop_at_layer!r}")
             n_run, want_logits = int(stop_at_layer), False
-            late = [l for l in layers if l >= n_run]
+            late = sorted({l for l, _ in sites if l >= n_run})
             if late:
                 raise ValueError(f"captured layers {late} are not run with stop_at_layer={n_run}")
         plan = build_plan(steering, cfg, ids.shape[0], ids.shape[1], self.dtype)
-        logits, acts = _forward_jit(self, ids, mask, plan, layers, n_run, want_logits)
-        return ModelOutput(logits=logits, mlp_activations=dict(acts))
+        logits, acts = _forward_jit(self, ids, mask, plan, sites, n_run, want_logits)
+        return ModelOutput(logits=logits,
+                           mlp_activations={l: v for (l, s), v in acts.items() if s == "hook_post"},
+                           activations={hook_name(l, s): acts[(l, s)] for l, s in sites})
 
     @property
     def dtype(self):
@@ -115,28 +137,32 @@ class CausalLM(nnx.Module):
         return self.param_dtype
 
     # ---- vocabulary projection ----------------------------------------------------------------------
-    def project_to_vocab(self, layer: int, directions) -> jax.Array:
-        """Logits [k, vocab] of feature directions ``directions`` [d_mlp, k] (columns in neuron space).
+    def project_to_vocab(self, layer: int, directions, site: str = "hook_post") -> jax.Array:
+        """Logits [k, vocab] of feature directions ``directions`` [width, k] taken at ``site``.
 
-        Each column is unit-normalised, pushed through layer ``layer``'s MLP output weights (no bias;
-        Gemma 2 then applies its post-feed-forward norm), the final norm and the unembedding (and
-        Gemma 2's final soft-cap), as the paper reads features out in vocabulary space.
+        Each column is unit-normalised. At ``hook_post`` (neuron space, d_mlp) it is pushed through
+        layer ``layer``'s MLP output weights (no bias; Gemma 2 then applies its post-feed-forward norm),
+        as the paper reads features out in vocabulary space; at ``hook_mlp_out`` and
+        ``hook_resid_post`` (d_model) it already lives in the residual stream. Then the final norm and
+        the unembedding (and Gemma 2's final soft-cap).
         """
         cfg = self.config
         if not isinstance(layer, (int, np.integer)) or not 0 <= layer < cfg.n_layers:
             raise ValueError(f"layer must be an int in [0, {cfg.n_layers}), got {layer!r}")
+        width, name = (cfg.d_mlp, "d_mlp") if site == "hook_post" else (cfg.d_model, "d_model")
+        hook_name(layer, site)  # a known site, or ValueError
         d = np.asarray(jax.device_get(directions), dtype=np.float32)
         if d.ndim == 1:
             d = d[:, None]
-        if d.ndim != 2 or d.shape[0] != cfg.d_mlp:
-            raise ValueError(f"directions must have shape (d_mlp={cfg.d_mlp}, k), got {np.shape(directions)}")
+        if d.ndim != 2 or d.shape[0] != width:
+            raise ValueError(f"directions at {site} must have shape ({name}={width}, k), got {np.shape(directions)}")
         norms = np.linalg.norm(d, axis=0)
         if not np.all(np.isfinite(d)) or np.any(norms == 0):
             bad = np.flatnonzero(~np.isfinite(norms) | (norms == 0)).tolist()
             raise ValueError(f"directions columns {bad} are zero or non-finite; cannot unit-normalise them")
         unit = jnp.asarray((d / norms).T, dtype=self.dtype)  # [k, d_mlp]
         # The per-layer part runs op by op, so the jitted tail compiles once for every layer.
-        resid = self.mlp_output(int(layer), unit[None])  # [1, k, d_model]
+        resid = self.mlp_output(int(layer), unit[None]) if site == "hook_post" else unit[None]  # [1, k, d_model]
         return _final_logits_jit(self, resid)[0]
 
     # ---- KV cache -------------------------------------------------------------------------------
@@ -181,24 +207,30 @@ def check_inputs(input_ids, attention_mask, cfg: ModelConfig) -> tuple[jax.Array
     return jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32)
 
 
-def normalize_capture(capture: Iterable[int | str], n_layers: int) -> tuple[int, ...]:
-    """Capture spec (ints or ``blocks.{l}.mlp.hook_post`` names) → sorted unique layer indices."""
+def normalize_capture(capture: Iterable[int | str], n_layers: int) -> tuple[tuple[int, str], ...]:
+    """Capture spec (ints: the layer's ``hook_post``; or hook names ``blocks.{l}.mlp.hook_post``,
+    ``blocks.{l}.hook_mlp_out``, ``blocks.{l}.hook_resid_post``) → sorted unique ``(layer, site)``."""
     if isinstance(capture, (int, str, np.integer)):
         capture = [capture]
-    layers = set()
+    sites = set()
     for item in capture:
         if isinstance(item, str):
-            matches = [l for l in range(n_layers) if hook_name(l) == item]
-            if not matches:
-                raise ValueError(f"unknown hook name {item!r}; expected 'blocks.{{layer}}.mlp.hook_post' with layer < {n_layers}")
-            layers.add(matches[0])
+            try:
+                layer, site = parse_hook_name(item)
+            except ValueError:
+                raise ValueError(f"unknown hook name {item!r}; expected 'blocks.{{layer}}.mlp.hook_post', "
+                                 f"'blocks.{{layer}}.hook_mlp_out' or 'blocks.{{layer}}.hook_resid_post' "
+                                 f"with layer < {n_layers}") from None
+            if layer >= n_layers:
+                raise ValueError(f"hook {item!r}: layer {layer} out of range [0, {n_layers})")
+            sites.add((layer, site))
         elif isinstance(item, (int, np.integer)) and not isinstance(item, bool):
             if not 0 <= item < n_layers:
                 raise ValueError(f"capture layer {item} out of range [0, {n_layers})")
-            layers.add(int(item))
+            sites.add((int(item), "hook_post"))
         else:
             raise ValueError(f"capture entries must be ints or hook names, got {item!r}")
-    return tuple(sorted(layers))
+    return tuple(sorted(sites))
 
 
 def positions_from_mask(mask: jax.Array) -> jax.Array:

@@ -329,8 +329,9 @@ def load_gguf_tokenizer(path: str | os.PathLike):
     import shutil
     import tempfile
 
-    from transformers import AutoTokenizer
+    from .hf import transformers_module
 
+    AutoTokenizer = transformers_module().AutoTokenizer
     path = Path(path)
     cached = _tokenizer_cache(path)
     if (cached / "tokenizer_config.json").is_file():

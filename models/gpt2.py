@@ -73,6 +73,9 @@ class GPT2(CausalLM):
     def mlp_output(self, layer, h):
         return h @ self.h[layer].mlp_c_proj_weight[...]
 
+    def mlp_output_bias(self, layer):
+        return self.h[layer].mlp_c_proj_bias[...]
+
     def final_logits(self, x):
         x = layer_norm(x, self.ln_f_weight[...], self.ln_f_bias[...], self.config.norm_eps)
         return jnp.einsum("btd,vd->btv", x, self.wte[...])

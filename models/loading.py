@@ -22,6 +22,7 @@ from .base import CausalLM
 from .config import ModelConfig, config_from_dict
 from .gguf import GGUFCheckpoint, is_gguf, load_gguf_tokenizer
 from .gpt2 import GPT2
+from .hf import transformers_module
 from .llamalike import LlamaLike
 from .tensors import CheckpointTensor
 
@@ -131,7 +132,7 @@ def resolve_checkpoint_dir(path_or_id: str | os.PathLike) -> Path:
     raise FileNotFoundError(
         f"{repo_id!r} is not a local directory and is not in the local Hugging Face cache ({cache_dir}), "
         f"and the hub could not be reached{' (HF_HUB_OFFLINE is set)' if _hub_offline() else ''}. "
-        f"Download it where there is network (e.g. `huggingface-cli download {repo_id}`) or pass the path of a "
+        f"Download it where there is network (e.g. `hf download {repo_id}`) or pass the path of a "
         f"local checkpoint directory containing config.json, *.safetensors and the tokenizer files. ({reason})"
     )
 
@@ -263,6 +264,18 @@ def load_model(path: str | os.PathLike, dtype=jnp.float32) -> CausalLM:
         checkpoint = GGUFCheckpoint(path)
         cfg = config_from_dict(checkpoint.config, source=str(path))
         return build_model(cfg, checkpoint.tensors(), str(path), dtype)
+    cfg = load_config(path)
+    files = _safetensors_files(path)
+    where = f"{path} (read {', '.join(f.name for f in files)})"
+    return build_model(cfg, _safetensors_tensors(files), where, dtype)
+
+
+def load_config(path: str | os.PathLike) -> ModelConfig:
+    """The config of a checkpoint directory or ``.gguf`` file, without reading any weight (cheap checks
+    of layers and widths before a model is loaded)."""
+    path = Path(path)
+    if is_gguf(path):
+        return config_from_dict(GGUFCheckpoint(path).config, source=str(path))
     config_path = path / "config.json"
     if not config_path.exists():
         raise FileNotFoundError(f"{path}: no config.json (is this a Hugging Face checkpoint directory?)")
@@ -272,16 +285,13 @@ def load_model(path: str | os.PathLike, dtype=jnp.float32) -> CausalLM:
         raise ValueError(f"{config_path}: invalid JSON ({err})") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{config_path}: expected a JSON object, got {type(raw).__name__}")
-    cfg = config_from_dict(raw, source=str(config_path))
-    files = _safetensors_files(path)
-    where = f"{path} (read {', '.join(f.name for f in files)})"
-    return build_model(cfg, _safetensors_tensors(files), where, dtype)
+    return config_from_dict(raw, source=str(config_path))
 
 
 def load_tokenizer(directory: str | os.PathLike):
     """``transformers.AutoTokenizer`` for ``directory`` (never ``trust_remote_code``), or the tokenizer
     stored in a ``.gguf`` file. A missing pad token is set to the EOS token so that batches can be padded."""
-    from transformers import AutoTokenizer
+    AutoTokenizer = transformers_module().AutoTokenizer
 
     if is_gguf(directory):
         return load_gguf_tokenizer(directory)

@@ -13,18 +13,25 @@ __all__ = ["GenerateOutput", "ModelOutput", "hook_name"]
 
 @dataclasses.dataclass
 class ModelOutput:
-    """``logits`` [batch, seq, vocab] (None when the forward stopped early) and
-    ``mlp_activations[layer]`` [batch, seq, d_mlp] for each captured layer."""
+    """``logits`` [batch, seq, vocab] (None when the forward stopped early);
+    ``mlp_activations[layer]`` [batch, seq, d_mlp] for each layer captured at ``hook_post``;
+    ``activations[hook name]`` every captured site by its TransformerLens name
+    (``blocks.{L}.mlp.hook_post`` [.., d_mlp], ``blocks.{L}.hook_mlp_out`` and
+    ``blocks.{L}.hook_resid_post`` [.., d_model])."""
 
     logits: jax.Array | None
     mlp_activations: dict[int, jax.Array]
+    activations: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
 
     def hook(self, name: str) -> jax.Array:
-        """Look an activation up by hook name, e.g. ``out.hook("blocks.3.mlp.hook_post")``."""
+        """Look an activation up by hook name, e.g. ``out.hook("blocks.3.hook_mlp_out")``."""
+        if name in self.activations:
+            return self.activations[name]
         for layer, value in self.mlp_activations.items():
             if hook_name(layer) == name:
                 return value
-        raise KeyError(f"{name!r} was not captured; captured: {[hook_name(l) for l in self.mlp_activations]}")
+        captured = sorted(set(self.activations) | {hook_name(l) for l in self.mlp_activations})
+        raise KeyError(f"{name!r} was not captured; captured: {captured}")
 
 
 @dataclasses.dataclass

@@ -35,10 +35,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jsnmf.layout import HOOK_SITES, hook_name, parse_hook_name
+from jsnmf.layout import STEERING_SITES, hook_name, parse_hook_name
 
 MODES = ("add", "replace")
-SITES = HOOK_SITES
+SITES = STEERING_SITES
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

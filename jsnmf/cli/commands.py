@@ -12,11 +12,13 @@ from jsnmf.layout import RunLayout
 from jsnmf.presets import PRESETS
 
 from jsnmf.cli.options import DEFAULT_RUNS_DIR, UserError, say
-from jsnmf.cli.steps import fit_settings, step_extract, step_fit, step_report
+from jsnmf.cli.steps import fit_settings, step_extract, step_fit, step_report, store_source
 
 
 def cmd_extract(args) -> int:
     run_dir = Path(args.out).expanduser().resolve()
+    if args.overwrite:
+        _clear_run_outputs(run_dir)
     store = step_extract(args.model, args.corpus, run_dir, args.layers, args, not args.quiet)
     say(f"store: {store.path} ({store.n_tokens:,} tokens, layers {store.layers})")
     return 0
@@ -49,8 +51,33 @@ def cmd_report(args) -> int:
     else:
         store_dir = Path(args.store).expanduser().resolve()
         run_dir = store_dir.parent
+    args.model_override = args.model
     index = step_report(run_dir, store_dir, args.layers, args, not args.quiet)
     say(f"report: {index}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    """Each fitted layer of the run as ``features.safetensors`` + ``cfg.json`` (``SNMF.export``)."""
+    from jsnmf.estimator import SNMF
+    from jsnmf.layout import layer_dir_name
+
+    run = RunLayout.of(Path(args.run).expanduser().resolve())
+    if not run.root.is_dir():
+        raise FileNotFoundError(f"run directory not found: {run.root}")
+    store = _open_store(run.store)
+    layers = args.layers if args.layers is not None else [l for l in store.layers if run.fitted(l).is_dir()]
+    missing = [layer for layer in layers if not run.fitted(layer).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"layer(s) {missing} are not fitted: no {run.fitted(missing[0])}")
+    if not layers:
+        raise FileNotFoundError(f"no fitted layers in {run.snmf} (run `jsnmf fit` first)")
+    out = Path(args.out).expanduser().resolve() if args.out else run.root / "export"
+    for layer in layers:
+        model = SNMF.load(run.fitted(layer))
+        path = model.export(out / layer_dir_name(layer), codes=args.codes, source=store_source(store, layer),
+                            n_tokens=store.n_tokens)
+        say(f"layer {layer}: {path}")
     return 0
 
 
@@ -79,12 +106,30 @@ def cmd_run(args) -> int:
     run_dir = Path(args.out or _default_run_dir(_model_name(args.model))).expanduser().resolve()
     say(f"run directory: {run_dir}")
     progress = not args.quiet
-    store = step_extract(args.model, args.corpus, run_dir, args.layers, args, progress)
+    if args.overwrite:
+        _clear_run_outputs(run_dir)
+    store = step_extract(args.model, args.corpus, run_dir, args.layers, args, progress, rank=rank)
     step_fit(store, args.layers, rank, fit_settings(args), RunLayout.of(run_dir).snmf, progress,
              checkpoint_every=getattr(args, "checkpoint_every", None))
     index = step_report(run_dir, store.path, args.layers, args, progress)
     _print_places(run_dir, store, args.layers, index)
     return 0
+
+
+def _clear_run_outputs(run_dir: Path) -> None:
+    """``--overwrite``: remove what was made from the old store (fits, checkpoints, report, evaluation,
+    export); the store itself is replaced by the extraction. Nothing else in the folder is touched."""
+    import shutil
+
+    run = RunLayout.of(run_dir)
+    removed = [p for p in (run.snmf, run.report, run.root / "export") if p.is_dir()]
+    for path in removed:
+        shutil.rmtree(path)
+    if run.evaluation.is_file():
+        run.evaluation.unlink()
+        removed.append(run.evaluation)
+    if removed:
+        say(f"--overwrite: removed {', '.join(p.name for p in removed)} of {run_dir}")
 
 
 def _print_places(run_dir: Path, store, layers, index: Path) -> None:
@@ -111,10 +156,12 @@ def run_demo(args) -> int:
     say(f"jsnmf demo: a tiny GPT-2 with {len(demo.CONCEPTS)} planted concepts; run directory {run_dir}")
     model_dir = demo.build_demo_model(run_dir / "demo-model")
     n_layers = demo.read_planted(model_dir)["spec"]["n_layer"]
+    if args.overwrite:
+        _clear_run_outputs(run_dir)
     bad = [layer for layer in layers if layer >= n_layers]
     if bad:
         raise UserError(f"layer(s) {bad} do not exist: the demo model has {n_layers} layers (0-{n_layers - 1})")
-    store = step_extract(str(model_dir), str(demo.demo_corpus_path()), run_dir, layers, args, progress)
+    store = step_extract(str(model_dir), str(demo.demo_corpus_path()), run_dir, layers, args, progress, rank=rank)
     fitted = step_fit(store, layers, rank, settings, RunLayout.of(run_dir).snmf, progress)
     index = step_report(run_dir, store.path, layers, args, progress)
     recovered, total, per_layer = _demo_recovery(model_dir, store, fitted)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jsnmf.cli.options import UserError, layer_list, positive_int, say
+from jsnmf.cli.options import UserError, add_command, layer_list, positive_int, say
 from jsnmf.cli.steps import step_fit
 from jsnmf.io.files import atomic_write_json
 from jsnmf.layout import RunLayout
@@ -64,9 +64,12 @@ def add_parsers(sub, parents) -> None:
     """Register ``evaluate`` and ``steer`` on the ``jsnmf`` sub-command parser ``sub``."""
     from jsnmf.evaluation.steering import DEFAULT_KL_TARGETS
 
-    p = sub.add_parser("evaluate", parents=[parents], help="detection and KL-matched steering of a run's features",
-                       description="Detection AUROC (SNMF vs DiffMeans, optionally a TopK SAE) and KL-matched "
-                                   "steering judged by --judge, on a run's fitted layers; writes RUN/evaluation.json.")
+    p = add_command(sub, "evaluate", parents=[parents], help="detection and KL-matched steering of a run's features",
+                    description="Detection AUROC (SNMF vs DiffMeans, optionally a TopK SAE) and KL-matched "
+                                "steering judged by --judge, on a run's fitted layers; writes RUN/evaluation.json.",
+                    examples=["jsnmf evaluate --run RUN --corpus labelled.json --judge gemma3-270m",
+                              "jsnmf evaluate --run RUN --corpus labelled.json --layers 6 --kl-targets 0.1 0.5 --sae",
+                              "jsnmf evaluate --run shared-run --model ~/models/M --corpus labelled.json"])
     _add_run_options(p)
     p.add_argument("--corpus", required=True, help="labelled sentences: JSON records {prompt, label}, JSONL or JSON")
     p.add_argument("--layers", type=layer_list, default=None, help="layers to evaluate (all fitted)")
@@ -84,9 +87,11 @@ def add_parsers(sub, parents) -> None:
                    help="rank of layers fitted here with the paper's preset (the preset's: 100)")
     p.set_defaults(handler=cmd_evaluate)
 
-    p = sub.add_parser("steer", parents=[parents], help="print continuations steered along one feature",
-                       description="Steer along feature j of layer L at the α where KL(base ‖ steered) of the "
-                                   "next token reaches --kl (or at --alpha), and print sampled continuations.")
+    p = add_command(sub, "steer", parents=[parents], help="print continuations steered along one feature",
+                    description="Steer along feature j of layer L at the α where KL(base ‖ steered) of the "
+                                "next token reaches --kl (or at --alpha), and print sampled continuations.",
+                    examples=["jsnmf steer --run RUN --layer 6 --feature 3 --kl 0.5",
+                              "jsnmf steer --run RUN --layer 6 --feature 3 --alpha 8 --prompt 'The weather is'"])
     _add_run_options(p)
     p.add_argument("--layer", type=non_negative_int, required=True, help="fitted layer")
     p.add_argument("--feature", type=non_negative_int, required=True, help="feature index j (column of F)")
@@ -108,13 +113,15 @@ def _open_run(args):
     run = RunLayout.of(Path(args.run).expanduser().resolve())
     if not run.root.is_dir():
         raise FileNotFoundError(f"run directory not found: {run.root}")
-    return run, ActivationStore.open(run.store)
+    store = ActivationStore.open(run.store)
+    if store.hook_site != "hook_post":
+        raise UserError(f"the store {store.path} holds {store.hook_site} activations; evaluate and steer score "
+                        "features at hook_post (the MLP activation, the paper's): extract with --hook hook_post")
+    return run, store
 
 
 def _model_path(store, override: str | None) -> str:
-    from jsnmf.report import _store_model_path
-
-    path = override or _store_model_path(store)
+    path = override or store.model_path
     if not path:
         raise UserError(f"the store {store.path} records no model; pass --model")
     return path

@@ -7,6 +7,7 @@ import argparse
 
 from jsnmf.dtypes import DTYPES
 from jsnmf.fit.starts import INITIALIZERS
+from jsnmf.layout import HOOK_SITES
 from jsnmf.kernels.solvers import get_solver, solver_names
 from jsnmf.presets import PRESETS
 
@@ -59,6 +60,16 @@ def fraction(text: str) -> float:
     return _number(text, float, lambda v: 0.0 < v <= 1.0, "a number in (0, 1]", "in (0, 1]")
 
 
+NO_SPARSITY = "none"  # --sparsity none: keep every neuron (SNMF(sparsity=None))
+
+
+def sparsity_value(text: str) -> float | str:
+    """``--sparsity``: a fraction in (0, 1], or ``none``/``off`` (no sparsification)."""
+    if text.strip().lower() in ("none", "off"):
+        return NO_SPARSITY
+    return _number(text, float, lambda v: 0.0 < v <= 1.0, "a number in (0, 1] or 'none'", "in (0, 1] (or 'none')")
+
+
 # ---------------------------------------------------------------- parser
 
 
@@ -67,6 +78,17 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{PROG}: error: {message} (see '{self.prog} --help')\n")
+
+
+def add_command(sub, name: str, *, help: str, description: str, examples: list[str], parents=(),
+                usage: str | None = None) -> argparse.ArgumentParser:
+    """A sub-command with its one-line ``help``, a ``description`` (wrapped) and an ``examples:`` epilog
+    (shown as written)."""
+    import textwrap
+
+    epilog = "examples:\n" + "\n".join(f"  {example}" for example in examples)
+    return sub.add_parser(name, parents=list(parents), help=help, description=textwrap.fill(description, 88),
+                          epilog=epilog, usage=usage, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def add_extract_options(p: argparse.ArgumentParser) -> None:
@@ -79,18 +101,31 @@ def add_extract_options(p: argparse.ArgumentParser) -> None:
                         "--no-bos: no BOS at all (the tokenizer's own is removed)")
     p.add_argument("--keep-bos", action="store_true",
                    help="keep the BOS token's activations in X (dropped by default, like the padding)")
+    p.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="precision of the model's weights and forward pass (float32)")
+    p.add_argument("--hook", choices=HOOK_SITES, default="hook_post",
+                   help="where to take the activations, by TransformerLens' names: hook_post = blocks.L.mlp.hook_post "
+                        "(the MLP activation, d_mlp wide; the paper's, default), hook_mlp_out = blocks.L.hook_mlp_out, "
+                        "hook_resid_post = blocks.L.hook_resid_post (d_model wide)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace what the run folder holds (store, fits, report) instead of refusing a different "
+                        "corpus or settings; without it a finished store of the same run is reused")
 
 
-def add_fit_options(p: argparse.ArgumentParser, rank_help: str) -> None:
-    p.add_argument("--rank", type=positive_int, default=None, help=f"number of features k{rank_help}")
+def add_fit_options(p: argparse.ArgumentParser, rank_help: str, rank_required: bool = False) -> None:
+    """The fit options; ``rank_required``: ``--rank`` is listed under "required unless --preset"."""
+    where = p.add_argument_group("required unless --preset gives it") if rank_required else p
+    where.add_argument("--rank", type=positive_int, default=None, metavar="K", help=f"number of features k{rank_help}")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="start from a named set of hyperparameters (paper: the paper's fit, see jsnmf.presets); "
                         "the options below override it")
     p.add_argument("--solver", choices=solver_names(), default=None,
                    help="codes solver (mu, the paper's): " + "; ".join(f"{s}: {get_solver(s).summary}"
                                                                          for s in solver_names()))
-    p.add_argument("--sparsity", type=fraction, default=None,
-                   help="fraction of neurons kept per feature (0.01, the paper's)")
+    p.add_argument("--sparsity", type=sparsity_value, default=None, metavar="P|none",
+                   help="fraction p of the layer's width kept per feature: ceil(p·width) entries of each column "
+                        "of F (0.01, the paper's: 31 of GPT-2's 3072 neurons, 16 of SmolLM2-135M's 1536); "
+                        "none: keep all. Fewer than 4 kept draws a warning")
     p.add_argument("--max-iter", type=positive_int, default=None, help="iteration cap (1000)")
     p.add_argument("--init", choices=tuple(INITIALIZERS), default=None, help="initialization (random)")
     p.add_argument("--seed", type=int, default=None, help="initialization seed (0)")

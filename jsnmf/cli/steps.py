@@ -8,14 +8,17 @@ from pathlib import Path
 from jsnmf.layout import RunLayout
 from jsnmf.presets import PRESETS
 
-from jsnmf.cli.options import UserError, say
+from jsnmf.cli.options import NO_SPARSITY, UserError, say
 
 # Layers whose activations fit in memory together are fitted in memory; bigger ones are streamed.
 IN_MEMORY_LIMIT_BYTES = 4 << 30
 
 
-def step_extract(model: str, corpus: str, run_dir: Path, layers: list[int], args, progress: bool):
-    """Extract into ``run_dir/store`` and return the store."""
+def step_extract(model: str, corpus: str, run_dir: Path, layers: list[int], args, progress: bool,
+                 rank: int | None = None):
+    """Extract into ``run_dir/store`` and return the store. ``rank``: the rank of the fit to follow,
+    checked against the width (from the model's config, before loading it) and against the corpus'
+    tokens (after tokenizing, before the forward pass)."""
     from jsnmf.extract import extract
 
     if not Path(corpus).expanduser().is_file():
@@ -23,10 +26,70 @@ def step_extract(model: str, corpus: str, run_dir: Path, layers: list[int], args
     if args.keep_bos and not args.bos:
         raise UserError("--keep-bos keeps the BOS token's activations, but --no-bos leaves the BOS out: "
                         "use one or the other")
+    hook = getattr(args, "hook", "hook_post")
+    if rank is not None:
+        _check_rank_against_config(model, rank, hook)
+    store_dir = RunLayout.of(run_dir).store
+    overwrite = bool(getattr(args, "overwrite", False))
+    before = _store_state(store_dir)
+    if overwrite and before is not None:
+        say(f"--overwrite: replacing the store in {store_dir}")
     say(f"extracting layers {','.join(map(str, layers))} of {model} on {corpus}")
-    return extract(model, corpus, RunLayout.of(run_dir).store, layers=layers, max_length=args.max_length,
-                   batch_size=args.batch_size, dtype=args.dtype, add_bos=args.bos, drop_bos=not args.keep_bos,
-                   progress=progress)
+    store = extract(model, corpus, store_dir, layers=layers, max_length=args.max_length,
+                    batch_size=args.batch_size, dtype=args.dtype, add_bos=args.bos, drop_bos=not args.keep_bos,
+                    compute_dtype=getattr(args, "compute_dtype", "float32"), hook=hook, resume=not overwrite,
+                    progress=progress, before_forward=None if rank is None else _rank_check(rank, hook))
+    if before == "complete" and not overwrite:
+        say(f"reused the store in {store.path}: it holds this model, corpus and settings already "
+            "(--overwrite extracts again)")
+    elif before == "partial" and not overwrite:
+        say(f"resumed the interrupted extraction in {store.path}")
+    return store
+
+
+def _store_state(store_dir: Path) -> str | None:
+    """``"complete"``, ``"partial"`` or None (no store) for the store folder ``store_dir``."""
+    from jsnmf.store import MANIFEST, ActivationStore
+
+    if not (store_dir / MANIFEST).is_file():
+        return None
+    try:
+        return "complete" if ActivationStore.open(store_dir, allow_incomplete=True).complete else "partial"
+    except ValueError:
+        return "partial"  # damaged: extract says what is wrong with it
+
+
+def _rank_message(rank: int, limit: int, why: str) -> str:
+    return f"rank {rank} exceeds {why} = {limit}; choose --rank {limit} or less"
+
+
+def _check_rank_against_config(model: str, rank: int, hook: str) -> None:
+    """Refuse a rank wider than the layer, from the model's ``config.json`` alone (no weights read). A
+    GGUF file (whose metadata takes as long to parse as loading it) or a model whose config cannot be
+    read here is checked after tokenizing instead (``_rank_check``)."""
+    from jsnmf.layout import hook_width
+    from jsnmf.models.gguf import is_gguf
+    from jsnmf.models.loading import load_config, resolve_checkpoint_dir
+
+    if is_gguf(model):
+        return
+    try:
+        config = load_config(resolve_checkpoint_dir(model))
+    except (OSError, ValueError):
+        return  # extract reports an unreadable model itself
+    width = hook_width(hook, config.d_mlp, config.d_model)
+    if rank > width:
+        raise UserError(_rank_message(rank, width, f"the width of {hook} ({config.model_type})"))
+
+
+def _rank_check(rank: int, hook: str):
+    """``extract``'s ``before_forward``: refuse a rank above min(n_tokens, width) before the forward pass."""
+    def check(n_tokens: int, width: int) -> None:
+        if rank > min(n_tokens, width):
+            raise UserError(_rank_message(rank, min(n_tokens, width),
+                                          f"min(n_tokens, width) of the tokenized corpus ({n_tokens:,} tokens, "
+                                          f"{hook} {width} wide)"))
+    return check
 
 
 def fit_settings(args, defaults: dict | None = None) -> dict:
@@ -37,7 +100,7 @@ def fit_settings(args, defaults: dict | None = None) -> dict:
     for name in ("solver", "sparsity", "max_iter", "init", "seed", "tol", "patience"):
         value = getattr(args, name, None)
         if value is not None:
-            settings[name] = value
+            settings[name] = None if value == NO_SPARSITY else value
     return settings
 
 
@@ -68,7 +131,7 @@ def step_fit(store, layers: list[int] | None, rank: int, settings: dict, snmf_di
     if missing:
         raise UserError(f"layer(s) {missing} are not in the store {store.path} (it holds layers {store.layers})")
     if rank > min(store.n_tokens, store.d_mlp):
-        raise UserError(f"rank {rank} exceeds min(n_tokens, d_mlp) = {min(store.n_tokens, store.d_mlp)} of the store")
+        raise UserError(f"rank {rank} exceeds min(n_tokens, width) = {min(store.n_tokens, store.d_mlp)} of the store")
     snmf_dir.mkdir(parents=True, exist_ok=True)
     lock = FolderLock(snmf_dir, busy="another jsnmf fit is running on this run folder; wait for it to finish")
     try:
@@ -105,7 +168,8 @@ def _fit_layer(store, layer: int, rank: int, settings: dict, saved_path: Path, c
             say(f"layer {layer}: already fitted ({saved_path}); kept")
             return finished
     model = SNMF(rank, **settings)
-    say(f"fitting layer {layer}: rank {rank}, {store.n_tokens:,} tokens × {store.d_mlp} neurons"
+    width = f"{store.d_mlp} neurons" if store.hook_site == "hook_post" else f"{store.d_mlp} ({store.hook_site})"
+    say(f"fitting layer {layer}: rank {rank}, {store.n_tokens:,} tokens × {width}"
          + (" (resuming)" if resume and checkpoint_dir.exists() else ""))
     started = time.perf_counter()
     run = dict(checkpoint_dir=checkpoint_dir, resume=resume, progress=progress,
@@ -118,7 +182,7 @@ def _fit_layer(store, layer: int, rank: int, settings: dict, saved_path: Path, c
     except BaseException:
         _drop_unstarted_checkpoints(checkpoint_dir)
         raise
-    path = model.save(saved_path)
+    path = model.save(saved_path, source=store_source(store, layer))
     shutil.rmtree(checkpoint_dir)  # the saved factors are the result now
     say(f"  layer {layer}: relative error {model.relative_error_:.4f} after {model.n_iter_} iterations "
          f"({time.perf_counter() - started:.1f} s) -> {path}")
@@ -136,11 +200,23 @@ def _drop_unstarted_checkpoints(checkpoint_dir: Path) -> None:
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
 
 
+def store_source(store, layer: int) -> dict:
+    """What a fit of ``layer`` on ``store`` came from: ``{"model", "layer", "hook"}`` (SNMF.save/export)."""
+    model = store.manifest.get("model")
+    name = (model.get("path_or_id") or model.get("path")) if isinstance(model, dict) else model
+    return {"model": name, "layer": int(layer), "hook": store.hook_names[store.layers.index(layer)]}
+
+
 def step_report(run_dir: Path, store_dir: Path, layers, args, progress: bool) -> Path:
     from jsnmf.report import ReportOptions, write_report
+    from jsnmf.store import ActivationStore
 
+    if not Path(run_dir).is_dir():
+        raise FileNotFoundError(f"run directory not found: {run_dir}")
+    ActivationStore.open(store_dir)  # not a store: its error, before anything is said or written
     say("writing the report")
     options = ReportOptions(k_top=args.top_k, window=args.window, vocab=not args.no_vocab)
-    return write_report(run_dir, store_dir=store_dir, layers=layers, options=options, progress=progress)
+    return write_report(run_dir, store_dir=store_dir, layers=layers, options=options, progress=progress,
+                        model_path=getattr(args, "model_override", None))
 
 

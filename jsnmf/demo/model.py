@@ -48,7 +48,9 @@ def _corpus_vocabulary(records: list[dict]) -> list[str]:
 def _build_tokenizer(vocabulary: list[str], spec: DemoSpec):
     """A word-level fast tokenizer: lower-cases, splits on whitespace and punctuation."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from jsnmf.models.hf import transformers_module
+
+    PreTrainedTokenizerFast = transformers_module().PreTrainedTokenizerFast
 
     vocab = {token: i for i, token in enumerate(list(SPECIAL_TOKENS) + vocabulary)}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))

@@ -2,7 +2,8 @@
 
     <path>/manifest.json   format, version, the estimator's params, shapes, dtypes and sha256
                            (``checksums``) of the arrays, n_iter, n_features_in, reconstruction_err,
-                           relative_error
+                           relative_error, and ``source`` when known: the model, layer and hook
+                           (``blocks.{L}.mlp.hook_post``) the activations came from
     <path>/arrays/         orbax StandardCheckpointer: features (d × k), codes (n × k), loss_history
 
 Written into a staging directory beside ``path`` (``.<name>.tmp-<pid>``) and renamed into place, so a
@@ -34,14 +35,16 @@ MANIFEST = "manifest.json"
 ARRAYS = "arrays"
 
 _REQUIRED = ("params", "shapes", "n_iter", "n_features_in", "reconstruction_err", "relative_error")
-_TYPES = {"params": dict, "shapes": dict, "dtypes": dict, "checksums": dict, "n_iter": INTEGER, "n_features_in": INTEGER,
+_TYPES = {"source": dict, "params": dict, "shapes": dict, "dtypes": dict, "checksums": dict, "n_iter": INTEGER, "n_features_in": INTEGER,
           "reconstruction_err": NUMBER, "relative_error": NUMBER}
 _ARRAY_RANKS = {"features": 2, "codes": 2, "loss_history": 1}  # the arrays of a checkpoint, their ndim
 FACTS = ("n_iter", "n_features_in", "reconstruction_err", "relative_error")
 
 
-def write_saved(path: str | os.PathLike, params: dict, arrays: dict[str, np.ndarray], facts: dict) -> Path:
-    """Write ``arrays`` (features, codes, loss_history) and the manifest into directory ``path``."""
+def write_saved(path: str | os.PathLike, params: dict, arrays: dict[str, np.ndarray], facts: dict,
+                source: dict | None = None) -> Path:
+    """Write ``arrays`` (features, codes, loss_history) and the manifest into directory ``path``;
+    ``source``: ``{"model", "layer", "hook"}`` the activations came from (None: not recorded)."""
     import orbax.checkpoint as ocp
 
     path = Path(path).absolute()
@@ -59,6 +62,7 @@ def write_saved(path: str | os.PathLike, params: dict, arrays: dict[str, np.ndar
             "format": FORMAT,
             "format_version": VERSION,
             "jsnmf_version": __version__,
+            **({} if source is None else {"source": source}),
             "params": params,
             "shapes": {name: list(np.shape(a)) for name, a in arrays.items()},
             "dtypes": {name: str(np.asarray(a).dtype) for name, a in arrays.items()},
@@ -82,6 +86,7 @@ class Saved:
     shapes: dict[str, tuple[int, ...]]
     facts: dict
     checksums: dict  # empty for checkpoints saved before checksums were recorded
+    source: dict | None = None  # {"model", "layer", "hook"} when the saver knew them
 
     def restore(self) -> dict[str, np.ndarray]:
         """The checkpoint's arrays (orbax), each with the shape the manifest gives."""
@@ -114,7 +119,7 @@ def read_saved(path: str | os.PathLike) -> Saved:
                              missing_what="jsnmf checkpoint", required=_REQUIRED, types=_TYPES)
     shapes = _checked_shapes(manifest, path)
     return Saved(path, dict(manifest["params"]), shapes, {name: manifest[name] for name in FACTS},
-                 dict(manifest.get("checksums") or {}))
+                 dict(manifest.get("checksums") or {}), manifest.get("source"))
 
 
 def _checked_shapes(manifest: dict, path: Path) -> dict[str, tuple[int, ...]]:

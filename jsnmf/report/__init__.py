@@ -75,7 +75,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -118,7 +118,7 @@ def write_layer_report(out_dir: str | os.PathLike, layer: int, inputs: LayerInpu
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "jsnmf_version": __version__,
         "layer": int(layer),
-        "hook_name": hook_name(layer),
+        "hook_name": fit_info.get("hook") or hook_name(layer),
         "rank": int(unit.shape[1]),
         "n_tokens": int(unit.shape[0]),
         "d_mlp": int(np.shape(inputs.features)[0]),
@@ -239,32 +239,31 @@ def write_index(report_dir: str | os.PathLike, layers: Sequence[LayerReport], ru
     return path
 
 
-def _load_decoder(store):
-    """``tokenizer.decode`` for the store's tokenizer (recorded at extraction time)."""
+def _load_decoder(store, model_path: str | None = None):
+    """``tokenizer.decode`` for the store's tokenizer (recorded at extraction time), or the tokenizer of
+    ``model_path`` (``--model``: the run folder was moved, or the model lives elsewhere now)."""
     from jsnmf.models import load_tokenizer
+    from jsnmf.models.loading import resolve_checkpoint_dir
 
+    if model_path is not None:
+        tokenizer = load_tokenizer(resolve_checkpoint_dir(model_path))
+        return lambda ids: tokenizer.decode(ids)
     path = store.tokenizer_path
-    if path is None or not Path(path).is_dir():
+    if path is None or not Path(path).exists():
         raise FileNotFoundError(
-            f"{store.path}: the tokenizer recorded in the store ({path}) is not available; cannot decode tokens")
+            f"{store.path}: the tokenizer recorded in the store ({path}) is not available; cannot decode tokens "
+            "(pass the model with --model)")
     tokenizer = load_tokenizer(path)
     return lambda ids: tokenizer.decode(ids)
 
 
-def _store_model_path(store) -> str | None:
-    model = store.manifest.get("model")
-    if isinstance(model, dict):
-        return model.get("path") or model.get("path_or_id")
-    return model
-
-
-def _vocab_projections(model, layer: int, features: np.ndarray, decode, n: int) -> list[dict]:
+def _vocab_projections(model, layer: int, features: np.ndarray, decode, n: int, site: str = "hook_post") -> list[dict]:
     """Vocabulary projection of every feature; all-zero columns (dead features) get empty lists."""
     features = np.asarray(features, dtype=np.float32)
     live = np.flatnonzero(np.linalg.norm(features, axis=0) > 0)
     result = [{"top": [], "bottom": []} for _ in range(features.shape[1])]
     if live.size:
-        for j, projection in zip(live, analysis.project_features_to_vocab(model, layer, features[:, live], decode, n)):
+        for j, projection in zip(live, analysis.project_features_to_vocab(model, layer, features[:, live], decode, n, site)):
             result[j] = projection
     return result
 
@@ -277,6 +276,7 @@ def write_report(
     out_dir: str | os.PathLike | None = None,
     layers: Sequence[int] | None = None,
     model=None,
+    model_path: str | None = None,
     options: ReportOptions = None,
     progress: bool = True,
 ) -> Path:
@@ -286,7 +286,8 @@ def write_report(
     checkpoints); ``store_dir``, ``snmf_dir`` and ``out_dir`` (default ``<run>/report``) override
     those places. ``layers`` defaults to every layer with a checkpoint. ``options.vocab``: compute
     the vocabulary projections, with ``model`` or else the model recorded in the store (skipped with
-    a warning when that model cannot be loaded).
+    a warning when that model cannot be loaded). ``model_path``: the model (and its tokenizer) to
+    use instead of the one the store records (a moved or shared run folder).
     """
     options = options or ReportOptions()
     vocab = options.vocab
@@ -307,12 +308,12 @@ def write_report(
             raise ValueError(f"layer {layer} is not in the store {store.path} (layers {store.layers})")
         if not run.fitted(layer, snmf_dir).is_dir():
             raise FileNotFoundError(f"no checkpoint for layer {layer}: {run.fitted(layer, snmf_dir)} is missing")
-    decode = _load_decoder(store)
+    decode = _load_decoder(store, model_path)
     if vocab and model is None:
-        model = _try_load_model(_store_model_path(store))
+        model = _try_load_model(model_path or store.model_path)
     evaluation = read_evaluation(run.evaluation)
     related = _related_across_layers(run, snmf_dir, layers, options) if len(layers) > 1 else {}
-    planted = _demo_model_dir(_store_model_path(store))
+    planted = _demo_model_dir(model_path or store.model_path)
     reports = []
     for layer in tqdm(layers, desc="report", disable=not progress):
         fitted = SNMF.load(run.fitted(layer, snmf_dir))
@@ -320,13 +321,15 @@ def write_report(
             raise ValueError(
                 f"{run.fitted(layer, snmf_dir)}: the codes have {fitted.codes_.shape[0]} rows but the store "
                 f"has {store.n_tokens} tokens; was it fitted on this store?")
-        projections = _vocab_projections(model, layer, fitted.features_, decode, options.n_vocab) if (vocab and model) else None
+        projections = (_vocab_projections(model, layer, fitted.features_, decode, options.n_vocab, store.hook_site)
+                       if (vocab and model) else None)
         inputs = LayerInputs(
             features=fitted.features_, codes=fitted.codes_, token_ids=store.token_ids, doc_index=store.doc_index,
             positions=store.positions, decode=decode, label_index=store.label_index, labels=store.labels,
             vocab=projections, loss_history=getattr(fitted, "loss_history_", None),
             fit_info={"n_iter": getattr(fitted, "n_iter_", None),
-                      "relative_error": getattr(fitted, "relative_error_", None), "params": _json_params(fitted)},
+                      "relative_error": getattr(fitted, "relative_error_", None), "params": _json_params(fitted),
+                      "hook": store.hook_names[store.layers.index(layer)]},
             evaluation=layer_evaluation(evaluation, layer), related=related.get(layer))
         layer_report = write_layer_report(run.report_layer(layer, out_dir), layer, inputs, options)
         if planted is not None:
@@ -335,7 +338,7 @@ def write_report(
             layer_report.recovery = demo.recovery_from_codes(np.asarray(fitted.codes_), store.token_ids, decode)
         reports.append(layer_report)
     run_info = {
-        "model": _store_model_path(store) or "",
+        "model": model_path or store.model_path or "",
         "corpus": (store.manifest.get("corpus") or {}).get("path", ""),
         "store": str(store.path),
         "tokens": f"{store.n_tokens:,}",

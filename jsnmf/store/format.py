@@ -30,12 +30,13 @@ TOKEN_COLUMNS = ("token_id", "doc_index", "position", "label_index")
 RESERVED_KEYS = {
     "format", "format_version", "jsnmf_version", "created", "updated", "layers", "hook_names", "dtype",
     "d_mlp", "chunk_tokens", "chunks", "n_tokens", "complete", "labels", "n_documents", "token_columns",
-    "checksums",
+    "checksums", "hook_site",
 }
-REQUIRED_KEYS = RESERVED_KEYS - {"jsnmf_version", "created", "updated", "n_documents", "token_columns", "checksums"}
+REQUIRED_KEYS = RESERVED_KEYS - {"jsnmf_version", "created", "updated", "n_documents", "token_columns", "checksums",
+                                  "hook_site"}
 # JSON types of the manifest's keys (io.manifest checks them before anything reads them).
 _TYPES = {"layers": list, "dtype": str, "d_mlp": INTEGER, "chunk_tokens": INTEGER, "chunks": list,
-          "n_tokens": INTEGER, "complete": bool, "labels": list, "checksums": dict}
+          "n_tokens": INTEGER, "complete": bool, "labels": list, "checksums": dict, "hook_site": str}
 
 
 def check_dtype(dtype: str) -> str:

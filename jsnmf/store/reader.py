@@ -63,18 +63,20 @@ class ActivationStore:
         meta: Mapping | None = None,
         documents: Sequence | None = None,
         labels: Sequence[str] | None = None,
+        site: str = "hook_post",
     ) -> "StoreWriter":
         """Create a new, empty store at ``path`` and return its writer.
 
         ``documents``: texts (str) or objects with ``.text``/``.label`` (e.g. ``corpus.Document``),
         saved to ``documents.jsonl``. ``labels``: the label list that ``label_index`` refers to.
         ``meta``: JSON-serialisable run metadata merged into the manifest (model, corpus, ...).
+        ``site``: the hook the activations are taken at (``jsnmf.layout.HOOK_SITES``); ``d_mlp`` is its width.
         """
         from jsnmf.store.writer import StoreWriter
 
         return StoreWriter.create(
             Path(path).expanduser().resolve(), layers=layers, d_mlp=d_mlp, dtype=dtype,
-            chunk_tokens=chunk_tokens, meta=meta or {}, documents=documents or [], labels=labels or [],
+            chunk_tokens=chunk_tokens, meta=meta or {}, documents=documents or [], labels=labels or [], site=site,
         )
 
     @classmethod
@@ -113,8 +115,14 @@ class ActivationStore:
         return [(int(a), int(b)) for a, b in self.manifest["chunks"]]
 
     @property
+    def hook_site(self) -> str:
+        """Where the activations were taken: ``hook_post`` (the MLP activation; stores without the
+        entry), ``hook_mlp_out`` or ``hook_resid_post``. ``d_mlp`` is that site's width."""
+        return self.manifest.get("hook_site", "hook_post")
+
+    @property
     def hook_names(self) -> list[str]:
-        return [hook_name(layer) for layer in self.layers]
+        return [hook_name(layer, self.hook_site) for layer in self.layers]
 
     @property
     def labels(self) -> list[str]:
@@ -122,9 +130,27 @@ class ActivationStore:
 
     @property
     def tokenizer_path(self) -> str | None:
-        """The tokenizer directory recorded at extraction time, or None."""
+        """The tokenizer directory recorded at extraction time (a path relative to the run folder,
+        the store's parent, is resolved against it), or None."""
         tokenizer = self.manifest.get("tokenizer")
-        return tokenizer.get("path") if isinstance(tokenizer, dict) else None
+        return _resolved(tokenizer.get("path") if isinstance(tokenizer, dict) else None, self.path.parent)
+
+    @property
+    def model_path(self) -> str | None:
+        """The model recorded at extraction time: its path (resolved against the run folder when
+        recorded relative to it) when that exists, else what the user named (a hub id, or the path as
+        given); None when the store records no model."""
+        model = self.manifest.get("model")
+        if not isinstance(model, dict):
+            return model if isinstance(model, str) else None
+        path = _resolved(model.get("path"), self.path.parent)
+        if path and Path(path).exists():
+            return path
+        given = model.get("path_or_id")
+        if given:
+            candidate = _resolved(given, self.path.parent)
+            return candidate if Path(candidate).exists() else given
+        return path
 
     def __repr__(self) -> str:
         return (
@@ -296,3 +322,9 @@ class ActivationStore:
         return [r.get("label") for r in self._document_records]
 
 
+def _resolved(recorded: str | None, run_dir: Path) -> str | None:
+    """A path recorded in the manifest: absolute as it is, relative against the run folder."""
+    if not recorded:
+        return recorded
+    path = Path(recorded)
+    return str(path) if path.is_absolute() else str(run_dir / path)

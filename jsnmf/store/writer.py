@@ -79,11 +79,13 @@ class StoreWriter:
         self._committer = _CommitThread(self._write_chunk)
 
     @classmethod
-    def create(cls, path, *, layers, d_mlp, dtype, chunk_tokens, meta, documents, labels) -> "StoreWriter":
+    def create(cls, path, *, layers, d_mlp, dtype, chunk_tokens, meta, documents, labels,
+               site="hook_post") -> "StoreWriter":
         layers = [int(layer) for layer in layers]
         if not layers or len(set(layers)) != len(layers) or min(layers) < 0:
             raise ValueError(f"layers must be distinct non-negative integers, got {layers}")
         check_dtype(dtype)
+        hook_name(0, site)  # a known site, or ValueError
         if int(d_mlp) <= 0 or int(chunk_tokens) <= 0:
             raise ValueError(f"d_mlp and chunk_tokens must be positive, got {d_mlp} and {chunk_tokens}")
         clash = RESERVED_KEYS & set(meta)
@@ -111,7 +113,8 @@ class StoreWriter:
                 "created": created,
                 "updated": created,
                 "layers": layers,
-                "hook_names": [hook_name(layer) for layer in layers],
+                "hook_names": [hook_name(layer, site) for layer in layers],
+                "hook_site": site,
                 "dtype": dtype,
                 "d_mlp": int(d_mlp),
                 "chunk_tokens": int(chunk_tokens),
