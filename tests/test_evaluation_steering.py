@@ -275,6 +275,26 @@ def test_alpha_for_kl_reports_unreachable_targets(demo_model):
     assert [t.reached for t in search.targets] == [True, True, False, False]
 
 
+@pytest.mark.parametrize("site, captured", [("hook_post", "mlp.hook_post"), ("hook_mlp_out", "hook_resid_post")])
+def test_default_search_limit_follows_the_steered_activation(demo_model, site, captured):
+    """Without ``alpha_max`` the search may go to 64 × the median norm (BOS left out) of what the
+    steering is added to, and at least 4096: a model whose residual stream is large (Gemma-3's ~2·10⁴)
+    is not cut off at a fixed α."""
+    from jsnmf.evaluation.steering import ALPHA_MAX_FLOOR, ALPHA_MAX_SCALE, activation_scale
+
+    model, tok, planted = demo_model
+    prompt = _prompt(tok, "I think")
+    v = planted_direction(model, planted, 1, "animals")
+    direction = v if site == "hook_post" else jm.feature_to_mlp_out(model, 1, v)
+    name = f"blocks.1.{captured}"
+    acts = np.asarray(model(np.asarray(prompt)[None], capture=[name]).activations[name][0], np.float64)
+    scale = float(np.median(np.linalg.norm(acts[1:], axis=-1)))
+    assert activation_scale(model, site, 1, prompt) == pytest.approx(scale, rel=1e-6)
+    expected = max(ALPHA_MAX_FLOOR, ALPHA_MAX_SCALE * scale)
+    search = alpha_for_kl(model, direction, site, 1, prompt, targets=(0.1,))
+    assert search.alpha_max == pytest.approx(expected, rel=1e-5)
+
+
 class _FakeKL:
     """KL as a given function of α, with the cache ``_search`` expects."""
 

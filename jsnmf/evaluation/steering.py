@@ -7,7 +7,12 @@ distributions at the prompt's last position, without and with ``α · v̂`` adde
 with α and silently drops the targets it misses (``notes/ecosystem.md`` §4.4). Here:
 
 1. **Bracket.** α grows geometrically from ``alpha_start`` (×``growth``) until KL reaches the largest
-   target or ``alpha_max`` (the stated limit of the search) is hit. KL(0) = 0 exactly.
+   target or ``alpha_max`` (the stated limit of the search) is hit. KL(0) = 0 exactly. The default
+   limit follows the scale of what the steering is added to: ``ALPHA_MAX_SCALE`` (64) times the median
+   norm over the prompt's tokens (BOS excluded) of the MLP activation (``hook_post``) or of the
+   residual stream after the block (``hook_mlp_out``), and at least 4096. A fixed limit does not fit
+   every model: Gemma-3-270M's residual stream has norms near 2·10⁴ at layer 15 (SmolLM2-135M's: ~180),
+   so α = 4096 moves its next token by KL ≈ 0.1 only.
 2. **Bisect.** For each target, the smallest evaluated α with KL ≥ τ and the largest evaluated α below
    it (KL < τ there) bracket a crossing; bisection keeps ``KL(lo) < τ ≤ KL(hi)``, so it converges to
    a crossing even where KL is not monotone in α, until ``|KL − τ| ≤ rtol · τ``.
@@ -25,12 +30,17 @@ from typing import Sequence
 
 import numpy as np
 
+from jsnmf.layout import hook_name
 from jsnmf.models.steering import SITES, Steering
 
-__all__ = ["DEFAULT_KL_TARGETS", "AlphaSearch", "KLTarget", "alpha_for_kl", "kl_at", "next_token_kl"]
+__all__ = ["DEFAULT_KL_TARGETS", "AlphaSearch", "KLTarget", "activation_scale", "alpha_for_kl", "kl_at",
+           "next_token_kl"]
 
 # The paper's targets (0.025 … 0.5, a subset) plus 1.0: models this small need more before text moves.
 DEFAULT_KL_TARGETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+# The default search limit: this many times the typical norm of the activation the steering is added to.
+ALPHA_MAX_SCALE = 64.0
+ALPHA_MAX_FLOOR = 4096.0
 
 
 def next_token_kl(base_logits, steered_logits) -> np.ndarray:
@@ -115,6 +125,22 @@ class _KLFunction:
         return self.cache[alpha]
 
 
+def activation_scale(model, site: str, layer: int, prompt_ids, attention_mask=None) -> float:
+    """Median norm over the prompt's real tokens (the first position, usually BOS, left out) of what
+    steering at ``site`` adds to: the MLP activation at ``hook_post``, the residual stream after the
+    block at ``hook_mlp_out``."""
+    if site not in SITES:
+        raise ValueError(f"site must be one of {SITES}, got {site!r}")
+    ids, mask, _ = _prompt(prompt_ids, attention_mask)
+    name = hook_name(layer, "hook_post" if site == "hook_post" else "hook_resid_post")
+    acts = np.asarray(model(ids, attention_mask=mask, capture=[name], stop_at_layer=int(layer) + 1)
+                      .activations[name], np.float64)
+    real = mask.astype(bool)
+    if real.shape[1] > 1:
+        real[:, 0] = False
+    return float(np.median(np.linalg.norm(acts, axis=-1)[real]))
+
+
 def kl_at(model, direction, site: str, layer: int, prompt_ids, alphas: Sequence[float],
           attention_mask=None) -> np.ndarray:
     """KL(base ‖ steered) of the next-token distribution at the prompt's last position, for each α
@@ -125,22 +151,26 @@ def kl_at(model, direction, site: str, layer: int, prompt_ids, alphas: Sequence[
 
 def alpha_for_kl(model, direction, site: str, layer: int, prompt_ids,
                  targets: Sequence[float] = DEFAULT_KL_TARGETS, *, attention_mask=None, alpha_start: float = 1.0,
-                 growth: float = 2.0, alpha_max: float = 4096.0, rtol: float = 0.02,
+                 growth: float = 2.0, alpha_max: float | None = None, rtol: float = 0.02,
                  max_bisections: int = 60) -> AlphaSearch:
     """The steering strength α ≥ 0 at which ``KL(base ‖ steered)`` reaches each target (module docstring).
 
     ``direction``: the vector to steer along, any norm (steering adds ``α · v/‖v‖``), ``d_mlp`` wide at
     ``site="hook_post"``, ``d_model`` at ``"hook_mlp_out"``. ``prompt_ids``: one prompt [seq] (the paper:
     BOS + "I think that") or several [batch, seq] with ``attention_mask`` (KL is then their mean).
-    Bracketing starts at ``alpha_start`` and multiplies by ``growth`` up to ``alpha_max``; bisection
-    stops when ``|KL − τ| ≤ rtol · τ`` (at most ``max_bisections`` steps per target).
+    Bracketing starts at ``alpha_start`` and multiplies by ``growth`` up to ``alpha_max`` (default: the
+    scale of the steered activation, module docstring); bisection stops when ``|KL − τ| ≤ rtol · τ`` (at
+    most ``max_bisections`` steps per target).
     """
     targets = [float(t) for t in targets]
     if not targets or any(not np.isfinite(t) or t <= 0 for t in targets):
         raise ValueError(f"targets must be positive KL values, got {targets}")
+    kl = _KLFunction(model, direction, site, layer, prompt_ids, attention_mask)
+    if alpha_max is None:
+        alpha_max = max(ALPHA_MAX_FLOOR, ALPHA_MAX_SCALE * activation_scale(model, site, layer, prompt_ids,
+                                                                             attention_mask))
     if not 0 < alpha_start <= alpha_max or growth <= 1 or not 0 < rtol < 1:
         raise ValueError("need 0 < alpha_start <= alpha_max, growth > 1 and 0 < rtol < 1")
-    kl = _KLFunction(model, direction, site, layer, prompt_ids, attention_mask)
     results = _search(kl, targets, float(alpha_start), float(growth), float(alpha_max), rtol, max_bisections)
     return AlphaSearch(layer=int(layer), site=site, targets=tuple(results),
                        evaluations=tuple(sorted(kl.cache.items())), alpha_max=float(alpha_max), rtol=float(rtol))
