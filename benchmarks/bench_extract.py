@@ -64,12 +64,13 @@ def build_corpus(path: Path, lines: int, vocab_words: int, seed: int = 0) -> Non
     path.write_text("\n".join(texts) + "\n")
 
 
-def build_warmup_corpus(path: Path, batch_size: int, max_length: int) -> None:
-    """One batch per padded length (8, 16, ..., max_length): compiles every shape the timed runs use."""
+def build_warmup_corpus(path: Path, batch_size: int, max_length: int, devices: int = 1) -> None:
+    """``devices`` batches per padded length (8, 16, ..., max_length), so that batches dealt out in turn
+    compile every shape the timed runs use on every device."""
     texts, n = [], 8
     while True:
         n = min(n, max_length)
-        texts += [" ".join(["w1"] * n)] + ["w2"] * (batch_size - 1)
+        texts += ([" ".join(["w1"] * n)] + ["w2"] * (batch_size - 1)) * devices
         if n == max_length:
             break
         n *= 2
@@ -187,7 +188,8 @@ def device_scaling(model_dir, corpus, root: Path, layers, args) -> list[tuple[in
     results = []
     for n in counts:
         mesh = Mesh(devices[:n], ("data",))
-        run_once(model_dir, root / "warmup.txt", root / "store", layers, args, "float32", True, mesh)  # compile
+        build_warmup_corpus(root / "warmup_devices.txt", args.batch_size, args.max_length, n)
+        run_once(model_dir, root / "warmup_devices.txt", root / "store", layers, args, "float32", True, mesh)
         best = max(_rate(run_once(model_dir, corpus, root / "store", layers, args, "float32", True, mesh))
                    for _ in range(args.repeats))
         print(f"  {n} device(s): {best:.1f} tokens/s", flush=True)
@@ -217,7 +219,7 @@ def main() -> None:
     parser.add_argument("--vocab-words", type=int, default=5000)
     parser.add_argument("--devices", type=int, default=1,
                         help="simulated CPU devices for the device table (default: the devices JAX sees)")
-    parser.add_argument("--device-lines", type=int, default=60, help="documents of the device table's corpus")
+    parser.add_argument("--device-lines", type=int, default=128, help="documents of the device table's corpus")
     parser.add_argument("--workdir", default=None, help="where to build the model and store (default: a temp dir)")
     args = parser.parse_args()
     layers = [int(x) for x in args.layers.split(",")]
@@ -277,8 +279,8 @@ def main() -> None:
     print("|---|---:|---:|")
     for dtype, tokens_per_s, mib_per_s in capacity:
         print(f"| {dtype} | {tokens_per_s:,.0f} | {mib_per_s:,.0f} |")
-    print(f"\nData-parallel forward ({args.device_lines} documents, store writes discarded, batch {args.batch_size}"
-          f" rows split over the devices; {jax.devices()[0].platform}, {jax.device_count()} devices"
+    print(f"\nData-parallel forward ({args.device_lines} documents, store writes discarded, whole batches of {args.batch_size}"
+          f" dealt out to the devices in turn; {jax.devices()[0].platform}, {jax.device_count()} devices"
           f"{' simulated on ' + str(os.cpu_count()) + ' CPU cores: no speed-up possible' if args.devices > 1 else ''}):\n")
     print("| devices | tokens/s (batch loop) | vs 1 device |")
     print("|---:|---:|---:|")
