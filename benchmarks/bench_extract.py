@@ -10,10 +10,14 @@ transformers to a temporary directory), a word-level tokenizer and a synthetic c
 For the store runs it also times the writer's calls in the main thread (``append``: dtype check,
 finiteness check, buffering; ``close``) and the chunk commits (``.npy`` writes + fsync + manifest),
 which run in the store's background thread. The slowdown ``1 - tokens/s(store) / tokens/s(discard)``
-is the cost the pipeline does not hide. A last table measures the store alone (no model): the
-tokens/s it can absorb, i.e. the ceiling the disk puts on extraction on a fast accelerator.
+is the cost the pipeline does not hide. Another table measures the store alone (no model): the
+tokens/s it can absorb, i.e. the ceiling the disk puts on extraction on a fast accelerator. The last
+one is tokens/s against the number of devices of the data-parallel forward (meshes of 1, 2, 4, ...
+devices, store writes discarded); ``--devices N`` on a CPU simulates N devices, which share the same
+cores, so there it shows the mechanism and its overhead, not a speed-up.
 
 Usage: python benchmarks/bench_extract.py [--lines 300] [--batch-size 16] [--max-length 128] [--repeats 2]
+       [--devices 4] [--device-lines 60]
 Prints a markdown table. Needs no network; writes only under a temporary directory.
 """
 
@@ -60,12 +64,13 @@ def build_corpus(path: Path, lines: int, vocab_words: int, seed: int = 0) -> Non
     path.write_text("\n".join(texts) + "\n")
 
 
-def build_warmup_corpus(path: Path, batch_size: int, max_length: int) -> None:
-    """One batch per padded length (8, 16, ..., max_length): compiles every shape the timed runs use."""
+def build_warmup_corpus(path: Path, batch_size: int, max_length: int, devices: int = 1) -> None:
+    """``devices`` batches per padded length (8, 16, ..., max_length), so that batches dealt out in turn
+    compile every shape the timed runs use on every device."""
     texts, n = [], 8
     while True:
         n = min(n, max_length)
-        texts += [" ".join(["w1"] * n)] + ["w2"] * (batch_size - 1)
+        texts += ([" ".join(["w1"] * n)] + ["w2"] * (batch_size - 1)) * devices
         if n == max_length:
             break
         n *= 2
@@ -117,14 +122,14 @@ def discarding_writer():
         StoreWriter.append, StoreWriter.close = originals
 
 
-def run_once(model_dir, corpus, out_dir, layers, args, dtype, discard: bool) -> dict:
+def run_once(model_dir, corpus, out_dir, layers, args, dtype, discard: bool, mesh=None) -> dict:
     import jsnmf.extract as extract_module
     from jsnmf.store import ActivationStore, StoreWriter
 
     timers = Timers()
     shutil.rmtree(out_dir, ignore_errors=True)
     with contextlib.ExitStack() as stack:
-        stack.enter_context(timers.wrap(extract_module, "_run", "loop"))
+        stack.enter_context(timers.wrap(extract_module, "run_batches", "loop"))
         if discard:
             stack.enter_context(discarding_writer())
         else:
@@ -134,7 +139,7 @@ def run_once(model_dir, corpus, out_dir, layers, args, dtype, discard: bool) -> 
         t0 = time.perf_counter()
         extract_module.extract(model_dir, corpus, out_dir, layers=layers, max_length=args.max_length,
                                batch_size=args.batch_size, dtype=dtype, chunk_tokens=args.chunk_tokens,
-                               resume=False, progress=False)
+                               resume=False, progress=False, mesh=mesh)
         total = time.perf_counter() - t0
     manifest = ActivationStore.open(out_dir, allow_incomplete=True).manifest
     written = sum(f.stat().st_size for f in Path(out_dir).rglob("*.npy")) if not discard else 0
@@ -173,6 +178,36 @@ def store_capacity(root: Path, layers: list[int], d_mlp: int, chunk_tokens: int,
     return results
 
 
+def device_scaling(model_dir, corpus, root: Path, layers, args) -> list[tuple[int, float]]:
+    """Tokens/s of the batch loop (store writes discarded) on meshes of 1, 2, 4, ... devices; best of repeats."""
+    import jax
+    from jax.sharding import Mesh
+
+    devices = np.array(jax.devices())
+    counts = [n for n in (1, 2, 4, 8, 16, 32, 64) if n <= devices.size]
+    results = []
+    for n in counts:
+        mesh = Mesh(devices[:n], ("data",))
+        build_warmup_corpus(root / "warmup_devices.txt", args.batch_size, args.max_length, n)
+        run_once(model_dir, root / "warmup_devices.txt", root / "store", layers, args, "float32", True, mesh)
+        best = max(_rate(run_once(model_dir, corpus, root / "store", layers, args, "float32", True, mesh))
+                   for _ in range(args.repeats))
+        print(f"  {n} device(s): {best:.1f} tokens/s", flush=True)
+        results.append((n, best))
+    return results
+
+
+def _rate(result: dict) -> float:
+    return result["n_tokens"] / result["loop_s"]
+
+
+def _simulate_devices(n: int) -> None:
+    """Ask XLA for ``n`` CPU devices (before JAX starts; only the CPU platform honours it)."""
+    if n > 1:
+        flag = f"--xla_force_host_platform_device_count={n}"
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lines", type=int, default=300)
@@ -182,9 +217,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--layers", default="0,6,11")
     parser.add_argument("--vocab-words", type=int, default=5000)
+    parser.add_argument("--devices", type=int, default=1,
+                        help="simulated CPU devices for the device table (default: the devices JAX sees)")
+    parser.add_argument("--device-lines", type=int, default=128, help="documents of the device table's corpus")
     parser.add_argument("--workdir", default=None, help="where to build the model and store (default: a temp dir)")
     args = parser.parse_args()
     layers = [int(x) for x in args.layers.split(",")]
+    _simulate_devices(args.devices)
 
     import jax
 
@@ -209,6 +248,8 @@ def main() -> None:
                     best[label] = r
         rows = [(label, best[label]) for label, _, _ in variants]
         capacity = store_capacity(root, layers, 3072, args.chunk_tokens)
+        build_corpus(root / "device_corpus.txt", args.device_lines, args.vocab_words, seed=1)
+        scaling = device_scaling(model_dir, root / "device_corpus.txt", root, layers, args)
     finally:
         if not args.workdir:
             shutil.rmtree(root, ignore_errors=True)
@@ -238,6 +279,13 @@ def main() -> None:
     print("|---|---:|---:|")
     for dtype, tokens_per_s, mib_per_s in capacity:
         print(f"| {dtype} | {tokens_per_s:,.0f} | {mib_per_s:,.0f} |")
+    print(f"\nData-parallel forward ({args.device_lines} documents, store writes discarded, whole batches of {args.batch_size}"
+          f" dealt out to the devices in turn; {jax.devices()[0].platform}, {jax.device_count()} devices"
+          f"{' simulated on ' + str(os.cpu_count()) + ' CPU cores: no speed-up possible' if args.devices > 1 else ''}):\n")
+    print("| devices | tokens/s (batch loop) | vs 1 device |")
+    print("|---:|---:|---:|")
+    for n, rate in scaling:
+        print(f"| {n} | {rate:,.1f} | {rate / scaling[0][1]:.2f}x |")
     print("\nBatch loop: forward, host copy, gather of real tokens, store writes (incl. the final commit). End to end"
           " adds corpus reading, model loading and tokenization. Writer time: the store's calls in the main"
           " thread (dtype conversion, finiteness check, buffering, waiting for the last commit); chunk commits"

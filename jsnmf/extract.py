@@ -13,6 +13,14 @@ whole chunks atomically. A rerun after a kill reopens the store, finds the batch
 first uncommitted token, recomputes that batch and continues; every batch is computed with the
 same shapes as in an uninterrupted run, so the result is byte-for-byte the same.
 
+Data parallel: the forward runs on the devices of a mesh (every device JAX sees unless ``mesh=``
+says otherwise), the parameters replicated on each, whole batches dealt out in turn (batch ``b`` on
+device ``b mod n``, one batch in flight per device) and written back in order. Whole batches, not
+rows: XLA's results depend on the shapes it compiles for (on the CPU, a row of a 2-row matmul and
+of a 16-row matmul differ in the last bits), so only a device running exactly the single-device
+shapes gives the single-device bytes. The store is therefore byte-identical whatever the device
+count, and a store can be resumed on another mesh.
+
 Test hook: the environment variable ``JSNMF_EXTRACT_SLEEP_PER_BATCH`` (seconds, float) makes
 the loop sleep after each batch; the tests use it to kill an extraction deterministically
 mid-way. It has no other effect.
@@ -20,6 +28,7 @@ mid-way. It has no other effect.
 
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
 import logging
@@ -32,6 +41,8 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from jsnmf import models
@@ -40,6 +51,8 @@ from jsnmf.models.loading import resolve_checkpoint_dir
 from jsnmf.dtypes import DTYPES
 from jsnmf.layout import HOOK_SITES, hook_name, hook_width
 from jsnmf.batches import Batch, BosPolicy, TokenPlan, bos_policy, bucket_length, make_batch, plan_tokens
+from jsnmf.distributed import default_mesh
+from jsnmf.kernels.sharded import check_mesh
 from jsnmf.store import MANIFEST, ActivationStore, check_dtype, remove_store
 
 __all__ = ["extract", "run_batches", "bucket_length", "STORE_CHUNK_TOKENS", "recorded_path"]
@@ -70,6 +83,7 @@ def extract(
     resume: bool = True,
     progress: bool = True,
     before_forward: Callable[[int, int], None] | None = None,
+    mesh: Mesh | None = None,
 ) -> ActivationStore:
     """Run ``model_path_or_id`` over the corpus and store the MLP activations of ``layers`` in ``out_dir``.
 
@@ -91,6 +105,10 @@ def extract(
     it (``ActivationStore.model_path`` resolves them), so a run folder can be moved.
     ``resume``: continue an interrupted extraction in ``out_dir`` (a store of a different corpus,
     model or settings is refused); with False an existing store in ``out_dir`` is replaced.
+    ``mesh``: the devices of the forward pass, a ``jax.sharding.Mesh`` with an axis ``data`` whose devices
+    take whole batches in turn (parameters replicated); None: every device JAX sees. The store is
+    byte-identical whatever the mesh (its manifest records the device count, ``extract_devices``, only
+    as information; a resume may use another mesh).
     Returns the finished store.
     """
     layers = _check_settings(layers, max_length, batch_size, dtype, chunk_tokens)
@@ -98,6 +116,7 @@ def extract(
         raise ValueError(f"compute_dtype must be 'float32' or 'bfloat16', got {compute_dtype!r}")
     if hook not in HOOK_SITES:
         raise ValueError(f"hook must be one of {HOOK_SITES}, got {hook!r}")
+    mesh = extraction_mesh(mesh)
     corpus = read_corpus(corpus_path)  # before loading the model: bad input fails fast
     out_dir = Path(out_dir).expanduser().resolve()
 
@@ -111,6 +130,7 @@ def extract(
         )
     bos = bos_policy(tokenizer, config, add_bos)
     plan = plan_tokens(corpus, tokenizer, bos, max_length, batch_size, drop_bos)
+    _check_token_ids(plan, config)
     if plan.n_tokens == 0:
         raise ValueError(
             f"{corpus.path}: no tokens to extract after dropping BOS "
@@ -130,8 +150,8 @@ def extract(
     if writer is None:  # the store in out_dir is already complete
         return ActivationStore.open(out_dir)
     try:
-        run_batches(model, plan, writer, layers, dtype, progress, hook)
-        return writer.close()
+        run_batches(model, plan, writer, layers, dtype, progress, hook, mesh=mesh)
+        return writer.close(meta={"extract_devices": int(mesh.devices.size)})
     finally:
         writer.abort()
 
@@ -161,6 +181,38 @@ def _check_layers(layers: list[int], config) -> None:
             f"layers {bad} are out of range: the {config.model_type} model has n_layers={config.n_layers} "
             f"(valid layers 0..{config.n_layers - 1})"
         )
+
+
+def _check_token_ids(plan: TokenPlan, config) -> None:
+    """Token ids the model has no embedding for (a tokenizer larger than the model's vocabulary), refused
+    once for the whole corpus before any forward pass."""
+    largest = max((int(s.max()) for s in plan.sequences if len(s)), default=0)
+    if largest >= config.vocab_size:
+        raise ValueError(f"the tokenizer produced token id {largest}, but the model's vocab_size is "
+                         f"{config.vocab_size}: tokenizer and model do not match")
+
+
+# ---------------------------------------------------------------- devices
+
+
+def extraction_mesh(mesh: Mesh | None) -> Mesh:
+    """The mesh of the forward pass: ``mesh`` (checked) or, for None, every device JAX sees on axis ``data``.
+    Its devices must all belong to this process (one process writes the store)."""
+    mesh = default_mesh() if mesh is None else check_mesh(mesh)
+    foreign = [d for d in mesh.devices.flat if d.process_index != jax.process_index()]
+    if foreign:
+        raise ValueError(
+            f"the extraction mesh holds {len(foreign)} devices of other processes; extraction runs in one process "
+            "(multi-host extraction is not supported): pass mesh=Mesh(np.array(jax.local_devices()), ('data',))"
+        )
+    return mesh
+
+
+def replicas(model, devices: list) -> list:
+    """``model`` with its parameters (and other state) on each of ``devices``, one model per device
+    (``model`` itself where it already lies there)."""
+    graphdef, state = nnx.split(model)
+    return [nnx.merge(graphdef, jax.device_put(state, device)) for device in devices]
 
 
 # ---------------------------------------------------------------- the store
@@ -280,10 +332,14 @@ def _manifest_meta(model_path_or_id, model_dir: Path, config, tokenizer, corpus,
 
 
 def run_batches(model, plan: TokenPlan, writer, layers: list[int], dtype: str, progress: bool,
-                hook: str = "hook_post") -> None:
+                hook: str = "hook_post", mesh: Mesh | None = None) -> None:
+    """Run the batches from the first uncommitted token on and append their activations to ``writer``.
+    ``mesh``: as :func:`extract`'s; ``model``'s parameters are replicated over it in place."""
     committed = writer.n_committed
     if committed >= plan.n_tokens:
         return
+    devices = list(extraction_mesh(mesh).devices.flat)
+    on_device = replicas(model, devices)
     # The batch holding the first uncommitted token, and how many of its tokens are already stored.
     first = int(np.searchsorted(plan.batch_token_starts, committed, side="right") - 1)
     skip = committed - int(plan.batch_token_starts[first])
@@ -294,34 +350,37 @@ def run_batches(model, plan: TokenPlan, writer, layers: list[int], dtype: str, p
     # fast where NumPy's float32 -> float16 is slow (both round to nearest even: same bits).
     cast_on_device = DTYPES[dtype].itemsize < np.dtype(model.dtype).itemsize
 
-    def forward(batch: Batch):
+    def forward(batch: Batch, replica: int):
         names = [hook_name(layer, hook) for layer in layers]
-        out = model(batch.input_ids, attention_mask=batch.attention_mask, capture=names,
-                    stop_at_layer=max(layers) + 1)  # runs blocks 0..max(layers) only
+        ids, mask = jax.device_put((batch.input_ids, batch.attention_mask), devices[replica])
+        out = on_device[replica](ids, attention_mask=mask, capture=names,
+                                 stop_at_layer=max(layers) + 1)  # runs blocks 0..max(layers) only
         acts = tuple(out.activations[name] for name in names)
         if not cast_on_device:
             return acts, None
         keep = np.zeros(batch.input_ids.shape, bool)
         keep[batch.rows, batch.cols] = True
+        keep = jax.device_put(keep, devices[replica])
         return _cast_and_max_abs(acts, keep, dtype)
 
     bar = tqdm(total=plan.n_tokens, initial=committed, unit="tok", unit_scale=True, desc="extract",
                disable=not progress, dynamic_ncols=True)
     try:
-        # One batch in flight: JAX dispatch is asynchronous, so the next forward runs while this
-        # batch is copied to the host and handed to the store (which commits in its own thread).
-        pending = None
+        # One batch in flight per device: JAX dispatch is asynchronous, so the next forward on each
+        # device runs while the oldest batch is copied to the host and handed to the store (which
+        # commits in its own thread). Batch b runs on device (b - first) mod n; writes stay in order.
+        pending: collections.deque = collections.deque()
         for b in range(first, plan.n_batches):
             batch = make_batch(plan, b, pad_id, longest)
-            current = (batch, forward(batch))
-            if pending is not None:
-                _write_batch(writer, *pending, layers, dtype, skip, bar)
+            pending.append((batch, forward(batch, (b - first) % len(devices))))
+            if len(pending) > len(devices):
+                _write_batch(writer, *pending.popleft(), layers, dtype, skip, bar)
                 skip = 0
-            pending = current
             if sleep:
                 time.sleep(sleep)
-        if pending is not None:
-            _write_batch(writer, *pending, layers, dtype, skip, bar)
+        while pending:
+            _write_batch(writer, *pending.popleft(), layers, dtype, skip, bar)
+            skip = 0
     finally:
         bar.close()
 

@@ -204,7 +204,15 @@ def check_inputs(input_ids, attention_mask, cfg: ModelConfig) -> tuple[jax.Array
             raise ValueError("attention_mask must contain only 0 and 1")
     if cfg.use_learned_positions and ids.shape[1] > cfg.max_position_embeddings:
         raise ValueError(f"sequence length {ids.shape[1]} exceeds n_positions={cfg.max_position_embeddings}")
-    return jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32)
+    return _int32_on_device(input_ids, ids), _int32_on_device(attention_mask, mask)
+
+
+def _int32_on_device(given, host: np.ndarray) -> jax.Array:
+    """``given`` itself when it is already an int32 JAX array (it keeps its placement, e.g. rows split over a
+    mesh, and the forward runs where it lies); else ``host`` as an int32 array on the default device."""
+    if isinstance(given, jax.Array) and given.dtype == jnp.int32:
+        return given
+    return jnp.asarray(host, jnp.int32)
 
 
 def normalize_capture(capture: Iterable[int | str], n_layers: int) -> tuple[tuple[int, str], ...]:

@@ -2,6 +2,7 @@
 
     python sharded_worker.py sharded   IN.npz OUT.npz   # 8 simulated CPU devices, meshes of 4 and 8
     python sharded_worker.py multihost IN.npz OUT.npz PORT PROCESS_ID   # one of 2 processes, 2 devices each
+    python sharded_worker.py extract   IN.npz OUT_DIR   # 8 simulated CPU devices: extractions on 8 and 4
 
 ``IN.npz`` holds ``X`` (and ``X_new``); the results go to ``OUT.npz`` (NumPy arrays only, no pickle).
 The device count comes from ``XLA_FLAGS=--xla_force_host_platform_device_count=N``, set by the caller.
@@ -143,12 +144,39 @@ def run_multihost(data, out, port, process_id):
     np.savez(out, **results)
 
 
+# Data-parallel extraction (tests/test_extract_sharded.py): name -> (devices of the mesh, None: all 8;
+# settings). The 45 documents make 8 batches of 6 (last one short) and 6 batches of 8 (fewer than 8 devices).
+EXTRACT_RUNS = {
+    "8_float32_b6": (None, dict(batch_size=6, dtype="float32")),
+    "4_bfloat16_b6": (4, dict(batch_size=6, dtype="bfloat16")),
+    "4_float32_b8": (4, dict(batch_size=8, dtype="float32")),
+}
+EXTRACT_SETTINGS = dict(layers=[0, 1], max_length=32, chunk_tokens=128, progress=False)
+
+
+def run_extract(data, out):
+    """Extract ``data['corpus']`` with ``data['model']`` for every EXTRACT_RUNS entry into ``out``/NAME."""
+    import jax
+    from jax.sharding import Mesh
+
+    from jsnmf.extract import extract
+
+    devices = np.array(jax.devices())
+    assert devices.size == 8, devices
+    for name, (n_devices, settings) in EXTRACT_RUNS.items():
+        mesh = None if n_devices is None else Mesh(devices[:n_devices], ("data",))
+        extract(data["model"].item(), data["corpus"].item(), Path(out) / name, mesh=mesh,
+                **EXTRACT_SETTINGS, **settings)
+
+
 def main():
     mode, path_in, path_out = sys.argv[1:4]
     with np.load(path_in) as data:
         data = dict(data)
     if mode == "sharded":
         run_sharded(data, path_out)
+    elif mode == "extract":
+        run_extract(data, path_out)
     elif mode == "multihost":
         run_multihost(data, path_out, int(sys.argv[4]), int(sys.argv[5]))
     else:
