@@ -16,6 +16,8 @@ from jsnmf import SNMF, __version__, demo
 from jsnmf.cli import main
 from jsnmf.estimator import FewNeuronsWarning
 
+from test_cli import assert_user_error, run_cli
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -29,20 +31,6 @@ def corpus(tmp_path_factory):
     path = tmp_path_factory.mktemp("eco-corpus") / "small.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in demo.read_demo_corpus()[:40]))
     return path
-
-
-def cli(capsys, *argv):
-    code = main(["--quiet", *map(str, argv)])
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def one_error(code, err, *fragments):
-    assert code == 2
-    lines = [l for l in err.strip().splitlines() if l.startswith("jsnmf: error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def test_version_and_help_with_examples(capsys):
@@ -76,20 +64,20 @@ def test_sparsity_none_and_few_neurons_warning(capsys, tmp_path):
 
 
 def test_rank_checked_before_the_forward_pass(capsys, model_dir, corpus, tmp_path):
-    code, _, err = cli(capsys, "run", "--model", model_dir, "--corpus", corpus, "--layers", "0", "--rank", "300",
+    code, _, err = run_cli(capsys, "run", "--model", model_dir, "--corpus", corpus, "--layers", "0", "--rank", "300",
                        "--out", tmp_path / "a")
-    one_error(code, err, "rank 300 exceeds the width of hook_post", "= 256")
+    assert_user_error(code, err, "rank 300 exceeds the width of hook_post", "= 256")
     tiny = tmp_path / "tiny.txt"
     tiny.write_text("the red fox\n")
-    code, _, err = cli(capsys, "run", "--model", model_dir, "--corpus", tiny, "--layers", "0,1", "--rank", "100",
+    code, _, err = run_cli(capsys, "run", "--model", model_dir, "--corpus", tiny, "--layers", "0,1", "--rank", "100",
                        "--out", tmp_path / "b")
-    one_error(code, err, "rank 100 exceeds min(n_tokens, width)", "tokens")
+    assert_user_error(code, err, "rank 100 exceeds min(n_tokens, width)", "tokens")
     assert not (tmp_path / "b" / "store").exists()  # refused before anything was written
 
 
 def test_report_on_a_missing_run_says_nothing_first(capsys, tmp_path):
-    code, out, err = cli(capsys, "report", "--run", tmp_path / "nope")
-    one_error(code, err, "run directory not found")
+    code, out, err = run_cli(capsys, "report", "--run", tmp_path / "nope")
+    assert_user_error(code, err, "run directory not found")
     assert "writing the report" not in out
 
 
@@ -97,14 +85,14 @@ def test_overwrite_reuse_move_export(capsys, model_dir, corpus, tmp_path):
     run = tmp_path / "run"
     common = ["--model", model_dir, "--layers", "1", "--rank", "4", "--max-iter", "5", "--sparsity", "0.03",
               "--no-vocab", "--out", run]
-    assert cli(capsys, "run", "--corpus", corpus, *common)[0] == 0
-    code, out, _ = cli(capsys, "run", "--corpus", corpus, *common)
+    assert run_cli(capsys, "run", "--corpus", corpus, *common)[0] == 0
+    code, out, _ = run_cli(capsys, "run", "--corpus", corpus, *common)
     assert code == 0 and "reused the store" in out
     other = tmp_path / "other.jsonl"
     other.write_text("".join(json.dumps(r) + "\n" for r in demo.read_demo_corpus()[40:80]))
-    code, _, err = cli(capsys, "run", "--corpus", other, *common)
-    one_error(code, err, "refusing to resume", "--overwrite")
-    code, out, _ = cli(capsys, "run", "--corpus", other, "--overwrite", *common)
+    code, _, err = run_cli(capsys, "run", "--corpus", other, *common)
+    assert_user_error(code, err, "refusing to resume", "--overwrite")
+    code, out, _ = run_cli(capsys, "run", "--corpus", other, "--overwrite", *common)
     assert code == 0 and "--overwrite" in out and "reused" not in out
     manifest = json.loads((run / "store" / "manifest.json").read_text())
     assert manifest["corpus"]["sha256"] != "" and manifest["hook_site"] == "hook_post"
@@ -116,9 +104,9 @@ def test_overwrite_reuse_move_export(capsys, model_dir, corpus, tmp_path):
     shutil.copytree(model_dir, moved_model)
     moved = tmp_path / "moved"
     shutil.move(run, moved)
-    code, out, err = cli(capsys, "report", "--run", moved, "--model", moved_model)
+    code, out, err = run_cli(capsys, "report", "--run", moved, "--model", moved_model)
     assert code == 0, err
-    code, out, err = cli(capsys, "export", "--run", moved, "--codes")
+    code, out, err = run_cli(capsys, "export", "--run", moved, "--codes")
     assert code == 0, err
     export = moved / "export" / "layer_01"
     cfg = json.loads((export / "cfg.json").read_text())
@@ -140,12 +128,12 @@ def test_overwrite_reuse_move_export(capsys, model_dir, corpus, tmp_path):
 
 
 def test_a_run_folder_with_its_model_inside_moves(capsys, tmp_path):
-    code, _, err = cli(capsys, "run", "--out", tmp_path / "demo", "--layers", "1", "--max-iter", "5", "--no-vocab")
+    code, _, err = run_cli(capsys, "run", "--out", tmp_path / "demo", "--layers", "1", "--max-iter", "5", "--no-vocab")
     assert code == 0, err
     manifest = json.loads((tmp_path / "demo" / "store" / "manifest.json").read_text())
     assert manifest["model"]["path"] == "demo-model" and manifest["tokenizer"]["path"] == "demo-model"
     shutil.move(tmp_path / "demo", tmp_path / "elsewhere")
-    code, _, err = cli(capsys, "report", "--run", tmp_path / "elsewhere")  # vocab projections too
+    code, _, err = run_cli(capsys, "report", "--run", tmp_path / "elsewhere")  # vocab projections too
     assert code == 0, err
 
 
@@ -168,7 +156,7 @@ def test_extract_at_hook_mlp_out(capsys, model_dir, corpus, tmp_path):
     import jsnmf.models as jm
     from jsnmf.store import ActivationStore
 
-    code, _, err = cli(capsys, "extract", "--model", model_dir, "--corpus", corpus, "--layers", "0,1",
+    code, _, err = run_cli(capsys, "extract", "--model", model_dir, "--corpus", corpus, "--layers", "0,1",
                        "--hook", "hook_mlp_out", "--out", tmp_path / "r")
     assert code == 0, err
     store = ActivationStore.open(tmp_path / "r" / "store")
@@ -180,14 +168,14 @@ def test_extract_at_hook_mlp_out(capsys, model_dir, corpus, tmp_path):
     out = lm(np.asarray([ids]), capture=["blocks.1.hook_mlp_out"])
     expected = np.asarray(out.hook("blocks.1.hook_mlp_out"))[0, 1:]  # the BOS row is dropped from X
     np.testing.assert_allclose(store.read(1, 0, len(ids) - 1), expected, atol=1e-5)
-    code, _, err = cli(capsys, "fit", "--store", tmp_path / "r" / "store", "--rank", "3", "--max-iter", "3",
+    code, _, err = run_cli(capsys, "fit", "--store", tmp_path / "r" / "store", "--rank", "3", "--max-iter", "3",
                        "--sparsity", "none")
     assert code == 0, err
     assert SNMF.load(tmp_path / "r" / "snmf" / "layer_01").source_["hook"] == "blocks.1.hook_mlp_out"
-    code, _, err = cli(capsys, "report", "--run", tmp_path / "r", "--top-k", "3")  # vocab at the residual site
+    code, _, err = run_cli(capsys, "report", "--run", tmp_path / "r", "--top-k", "3")  # vocab at the residual site
     assert code == 0, err
-    code, _, err = cli(capsys, "steer", "--run", tmp_path / "r", "--layer", "1", "--feature", "0", "--alpha", "1")
-    one_error(code, err, "hook_mlp_out", "hook_post")
+    code, _, err = run_cli(capsys, "steer", "--run", tmp_path / "r", "--layer", "1", "--feature", "0", "--alpha", "1")
+    assert_user_error(code, err, "hook_mlp_out", "hook_post")
 
 
 def test_no_pytorch_advice_when_torch_is_missing(model_dir):
