@@ -40,6 +40,16 @@ it once, ``rows = jsnmf.distributed.global_rows(X_local, mesh)`` and pass ``rows
 The ``"svd"`` and ``"kmeans"`` starts run on the zero-padded global ``X``; when there is padding
 they can differ slightly from the single-device start (the random start never does).
 
+Extracting the activations on many hosts
+----------------------------------------
+Every process calls :func:`jsnmf.extract.extract` with the same arguments and ``out_dir`` on the shared file
+system; each runs the model on its own devices over its share of the store's chunks, and process 0
+completes the one manifest (:mod:`jsnmf.extract` says how). The store is the one a single device makes::
+
+    jsnmf.distributed.initialize()
+    store = jsnmf.extract.extract("SmolLM2-135M.gguf", "corpus.jsonl", "/mnt/run/store", layers=[15])
+    model = jsnmf.SNMF(rank=256).fit(store, layer=15)          # then every process fits its share
+
 Launching on a GPU cluster
 --------------------------
 Run the same script once per host (one process drives all the host's GPUs) or once per GPU.
@@ -79,8 +89,8 @@ Multi-process on one machine (CPU, for testing)
 
 from __future__ import annotations
 
+import contextlib
 import functools
-
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -95,7 +105,7 @@ from jsnmf.validation import validate_matrix
 __all__ = [
     "initialize", "default_mesh", "RowLayout", "ShardedRows", "global_rows", "process_rows",
     "process_token_range", "gather_rows", "replicate", "replicated_value", "sample_rows",
-    "sum_over_processes", "per_process",
+    "sum_over_processes", "per_process", "all_or_none",
 ]
 
 
@@ -388,3 +398,32 @@ def gather_rows(local) -> np.ndarray:
     padded[: local.shape[0]] = local
     everything = np.asarray(multihost_utils.process_allgather(padded))
     return np.concatenate([everything[p, :c] for p, c in enumerate(counts)])
+
+
+# -- failing together -------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def all_or_none(doing: str):
+    """Run the block on every process, then agree whether any failed (a collective, also a barrier).
+
+    A process whose block raised an ``Exception`` tells the others and re-raises it; the others raise a
+    ``RuntimeError`` naming it, instead of waiting forever in a later collective for a process that gave
+    up. ``doing`` says what the block does, for that error. One process: the block alone.
+    """
+    try:
+        yield
+    except Exception:
+        if jax.process_count() > 1:
+            _agree(True, doing)
+        raise
+    if jax.process_count() > 1:
+        _agree(False, doing)
+
+
+def _agree(failed: bool, doing: str) -> None:
+    """Tell every process whether this one ``failed``; raise if it did not but another did."""
+    flags = per_process(int(failed))
+    others = [p for p, flag in enumerate(flags) if flag and p != jax.process_index()]
+    if others and not failed:
+        raise RuntimeError(f"process(es) {others} failed while {doing} (see their error); "
+                           f"process {jax.process_index()} stops too")

@@ -13,13 +13,23 @@ whole chunks atomically. A rerun after a kill reopens the store, finds the batch
 first uncommitted token, recomputes that batch and continues; every batch is computed with the
 same shapes as in an uninterrupted run, so the result is byte-for-byte the same.
 
-Data parallel: the forward runs on the devices of a mesh (every device JAX sees unless ``mesh=``
-says otherwise), the parameters replicated on each, whole batches dealt out in turn (batch ``b`` on
-device ``b mod n``, one batch in flight per device) and written back in order. Whole batches, not
-rows: XLA's results depend on the shapes it compiles for (on the CPU, a row of a 2-row matmul and
+Data parallel: the forward runs on the devices of a mesh (every device of this process unless
+``mesh=`` says otherwise), the parameters replicated on each, whole batches dealt out in turn (batch
+``b`` on device ``b mod n``, one batch in flight per device) and written back in order. Whole batches,
+not rows: XLA's results depend on the shapes it compiles for (on the CPU, a row of a 2-row matmul and
 of a 16-row matmul differ in the last bits), so only a device running exactly the single-device
 shapes gives the single-device bytes. The store is therefore byte-identical whatever the device
 count, and a store can be resumed on another mesh.
+
+Many processes (``jax.process_count() > 1``, under :func:`jsnmf.distributed.initialize`; every process
+calls ``extract`` with the same arguments and ``out_dir`` on a file system they share): chunk ``i`` of
+the store always holds tokens ``[i·chunk_tokens, (i+1)·chunk_tokens)``, so the chunks still to write
+are split into one contiguous share per process. Each process runs the batches that cover its share
+on its own devices (a batch that straddles two shares runs in both) and commits each chunk by a
+record file (:class:`~jsnmf.store.writer.ChunkWriter`); process 0 opens the store, holds its lock and,
+when every process is done, lists the recorded chunks in the manifest and completes it. The store is
+byte-identical to the one-process store, and one killed at any point resumes with any number of
+processes (the chunks committed by record count as done).
 
 Test hook: the environment variable ``JSNMF_EXTRACT_SLEEP_PER_BATCH`` (seconds, float) makes
 the loop sleep after each batch; the tests use it to kill an extraction deterministically
@@ -51,9 +61,11 @@ from jsnmf.models.loading import resolve_checkpoint_dir
 from jsnmf.dtypes import DTYPES
 from jsnmf.layout import HOOK_SITES, hook_name, hook_width
 from jsnmf.batches import Batch, BosPolicy, TokenPlan, bos_policy, bucket_length, make_batch, plan_tokens
-from jsnmf.distributed import default_mesh
-from jsnmf.kernels.sharded import check_mesh
+from jsnmf.distributed import all_or_none, per_process
+from jsnmf.kernels.sharded import DATA, check_mesh
 from jsnmf.store import MANIFEST, ActivationStore, check_dtype, remove_store
+from jsnmf.store.format import read_store_manifest
+from jsnmf.store.writer import ChunkWriter, read_commit_records
 
 __all__ = ["extract", "run_batches", "bucket_length", "STORE_CHUNK_TOKENS", "recorded_path"]
 
@@ -106,9 +118,10 @@ def extract(
     ``resume``: continue an interrupted extraction in ``out_dir`` (a store of a different corpus,
     model or settings is refused); with False an existing store in ``out_dir`` is replaced.
     ``mesh``: the devices of the forward pass, a ``jax.sharding.Mesh`` with an axis ``data`` whose devices
-    take whole batches in turn (parameters replicated); None: every device JAX sees. The store is
-    byte-identical whatever the mesh (its manifest records the device count, ``extract_devices``, only
-    as information; a resume may use another mesh).
+    (those of this process) take whole batches in turn (parameters replicated); None: every device of
+    this process. The store is byte-identical whatever the mesh and the number of processes (the
+    module docstring says how processes share the work; the manifest records the device and process
+    counts, ``extract_devices`` and ``extract_processes``, only as information; a resume may use others).
     Returns the finished store.
     """
     layers = _check_settings(layers, max_length, batch_size, dtype, chunk_tokens)
@@ -116,7 +129,7 @@ def extract(
         raise ValueError(f"compute_dtype must be 'float32' or 'bfloat16', got {compute_dtype!r}")
     if hook not in HOOK_SITES:
         raise ValueError(f"hook must be one of {HOOK_SITES}, got {hook!r}")
-    mesh = extraction_mesh(mesh)
+    devices = extraction_devices(mesh)
     corpus = read_corpus(corpus_path)  # before loading the model: bad input fails fast
     out_dir = Path(out_dir).expanduser().resolve()
 
@@ -146,14 +159,79 @@ def extract(
     meta = _manifest_meta(model_path_or_id, model_dir, config, tokenizer, corpus, bos, plan, layers, dtype,
                           compute_dtype, max_length, batch_size, drop_bos, chunk_tokens, add_bos,
                           run_dir=out_dir.parent, hook=hook)
-    writer = _open_writer(out_dir, meta, corpus, layers, width, dtype, chunk_tokens, resume, hook)
-    if writer is None:  # the store in out_dir is already complete
-        return ActivationStore.open(out_dir)
+    counts = {"extract_devices": int(per_process(len(devices)).sum()), "extract_processes": jax.process_count()}
+    with all_or_none("opening the store"):  # process 0 opens it; the others wait for it
+        writer = (_open_writer(out_dir, meta, corpus, layers, width, dtype, chunk_tokens, resume, hook)
+                  if jax.process_index() == 0 else None)
+    if jax.process_count() == 1 and (writer is None or not writer.has_records):
+        if writer is None:  # the store in out_dir is already complete
+            return ActivationStore.open(out_dir)
+        try:
+            run_batches(model, plan, writer, layers, dtype, progress, hook, devices=devices)
+            return writer.close(meta=counts)
+        finally:
+            writer.abort()
+    return _extract_shares(model, plan, out_dir, writer, layers, dtype, progress, hook, devices, counts)
+
+
+def _extract_shares(model, plan: TokenPlan, out_dir: Path, writer, layers: list[int], dtype: str, progress: bool,
+                    hook: str, devices: list, counts: dict) -> ActivationStore:
+    """Every process writes its share of the chunks still to write (:func:`_share_of_chunks`) by record;
+    then process 0 (the one holding ``writer``) lists them in the manifest and completes the store."""
+    with all_or_none("reading the store"):
+        manifest = _shared_manifest(out_dir)
+        runs = [] if manifest["complete"] else _share_of_chunks(manifest, out_dir, plan.n_tokens)
+    # Only now may anyone write: every process has seen the same committed chunks.
+    with all_or_none("extracting its share of the chunks"):
+        for first_chunk, stop_chunk in runs:
+            chunk_writer = ChunkWriter(out_dir, manifest, first_chunk)
+            try:
+                run_batches(model, plan, chunk_writer, layers, dtype, progress, hook, devices=devices,
+                            stop=min(stop_chunk * chunk_writer.chunk_tokens, plan.n_tokens))
+                chunk_writer.finish()
+            finally:
+                chunk_writer.abort()
+    with all_or_none("completing the store"):
+        if writer is not None:
+            try:
+                writer.adopt_records()
+                if writer.n_committed != plan.n_tokens:
+                    raise ValueError(f"{out_dir}: the processes committed {writer.n_committed} of "
+                                     f"{plan.n_tokens} tokens without a gap; rerun the extraction to resume it")
+                writer.close(meta=counts)
+            finally:
+                writer.abort()
+    return ActivationStore.open(out_dir)
+
+
+def _shared_manifest(out_dir: Path) -> dict:
     try:
-        run_batches(model, plan, writer, layers, dtype, progress, hook, mesh=mesh)
-        return writer.close(meta={"extract_devices": int(mesh.devices.size)})
-    finally:
-        writer.abort()
+        return read_store_manifest(out_dir)
+    except ValueError as err:
+        raise ValueError(f"process {jax.process_index()} cannot read the store process 0 opened ({err}); every "
+                         "process of a multi-process extraction needs out_dir on a file system they share") from None
+
+
+def _share_of_chunks(manifest: dict, out_dir: Path, n_tokens: int) -> list[tuple[int, int]]:
+    """This process's share of the chunks not committed yet (listed in the manifest or by a record), as
+    runs ``[first, stop)`` of consecutive chunk indices (:func:`chunk_runs`)."""
+    chunk_tokens = int(manifest["chunk_tokens"])
+    done = {*range(len(manifest["chunks"])), *read_commit_records(out_dir, manifest)}
+    todo = [i for i in range(-(-n_tokens // chunk_tokens)) if i not in done]
+    return chunk_runs(todo, jax.process_index(), jax.process_count())
+
+
+def chunk_runs(todo: list[int], process: int, n_processes: int) -> list[tuple[int, int]]:
+    """Part ``process`` of ``todo`` (sorted chunk indices) cut into ``n_processes`` contiguous parts of
+    (nearly) equal count, as runs ``[first, stop)`` of consecutive indices."""
+    mine = todo[len(todo) * process // n_processes: len(todo) * (process + 1) // n_processes]
+    runs: list[tuple[int, int]] = []
+    for index in mine:
+        if runs and runs[-1][1] == index:
+            runs[-1] = (runs[-1][0], index + 1)
+        else:
+            runs.append((index, index + 1))
+    return runs
 
 
 # ---------------------------------------------------------------- settings
@@ -195,17 +273,17 @@ def _check_token_ids(plan: TokenPlan, config) -> None:
 # ---------------------------------------------------------------- devices
 
 
-def extraction_mesh(mesh: Mesh | None) -> Mesh:
-    """The mesh of the forward pass: ``mesh`` (checked) or, for None, every device JAX sees on axis ``data``.
-    Its devices must all belong to this process (one process writes the store)."""
-    mesh = default_mesh() if mesh is None else check_mesh(mesh)
-    foreign = [d for d in mesh.devices.flat if d.process_index != jax.process_index()]
-    if foreign:
-        raise ValueError(
-            f"the extraction mesh holds {len(foreign)} devices of other processes; extraction runs in one process "
-            "(multi-host extraction is not supported): pass mesh=Mesh(np.array(jax.local_devices()), ('data',))"
-        )
-    return mesh
+def extraction_devices(mesh: Mesh | None) -> list:
+    """The devices of this process that run the forward pass: those of ``mesh`` (checked), or for None
+    every device of this process. Other processes' devices in ``mesh`` run their own shares."""
+    if mesh is None:
+        return list(jax.local_devices())
+    check_mesh(mesh)
+    devices = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+    if not devices:
+        raise ValueError(f"the extraction mesh holds no device of process {jax.process_index()} "
+                         f"(axis {DATA!r}, {mesh.devices.size} devices); every process extracts on its own devices")
+    return devices
 
 
 def replicas(model, devices: list) -> list:
@@ -332,17 +410,19 @@ def _manifest_meta(model_path_or_id, model_dir: Path, config, tokenizer, corpus,
 
 
 def run_batches(model, plan: TokenPlan, writer, layers: list[int], dtype: str, progress: bool,
-                hook: str = "hook_post", mesh: Mesh | None = None) -> None:
-    """Run the batches from the first uncommitted token on and append their activations to ``writer``.
-    ``mesh``: as :func:`extract`'s; ``model``'s parameters are replicated over it in place."""
-    committed = writer.n_committed
-    if committed >= plan.n_tokens:
+                hook: str = "hook_post", devices: list | None = None, stop: int | None = None) -> None:
+    """Run the batches holding tokens ``writer.n_tokens`` (the first it has not got) to ``stop`` (default:
+    the last) and append those tokens' activations to ``writer``. ``devices``: this process's devices
+    of the forward pass (default: all of them), each given a replica of ``model``'s parameters."""
+    start = writer.n_tokens
+    stop = plan.n_tokens if stop is None else stop
+    if start >= stop:
         return
-    devices = list(extraction_mesh(mesh).devices.flat)
+    devices = extraction_devices(None) if devices is None else devices
     on_device = replicas(model, devices)
-    # The batch holding the first uncommitted token, and how many of its tokens are already stored.
-    first = int(np.searchsorted(plan.batch_token_starts, committed, side="right") - 1)
-    skip = committed - int(plan.batch_token_starts[first])
+    # The batches holding the first and the last token wanted.
+    first = int(np.searchsorted(plan.batch_token_starts, start, side="right") - 1)
+    last = int(np.searchsorted(plan.batch_token_starts, stop - 1, side="right") - 1)
     pad_id = 0  # any valid id: padded positions are masked out and never kept
     longest = max(len(s) for s in plan.sequences)  # buckets stop at the corpus's longest sequence
     sleep = float(os.environ.get(_SLEEP_ENV, "0") or 0)
@@ -363,24 +443,28 @@ def run_batches(model, plan: TokenPlan, writer, layers: list[int], dtype: str, p
         keep = jax.device_put(keep, devices[replica])
         return _cast_and_max_abs(acts, keep, dtype)
 
-    bar = tqdm(total=plan.n_tokens, initial=committed, unit="tok", unit_scale=True, desc="extract",
+    def kept(b: int) -> slice:  # the tokens of batch b within [start, stop), counted from its first
+        batch_start = int(plan.batch_token_starts[b])
+        return slice(max(start - batch_start, 0), stop - batch_start)
+
+    one_process = jax.process_count() == 1
+    bar = tqdm(total=plan.n_tokens if one_process else stop - start, initial=start if one_process else 0,
+               unit="tok", unit_scale=True, desc="extract" if one_process else f"extract [{jax.process_index()}]",
                disable=not progress, dynamic_ncols=True)
     try:
         # One batch in flight per device: JAX dispatch is asynchronous, so the next forward on each
         # device runs while the oldest batch is copied to the host and handed to the store (which
         # commits in its own thread). Batch b runs on device (b - first) mod n; writes stay in order.
         pending: collections.deque = collections.deque()
-        for b in range(first, plan.n_batches):
+        for b in range(first, last + 1):
             batch = make_batch(plan, b, pad_id, longest)
-            pending.append((batch, forward(batch, (b - first) % len(devices))))
+            pending.append((batch, forward(batch, (b - first) % len(devices)), kept(b)))
             if len(pending) > len(devices):
-                _write_batch(writer, *pending.popleft(), layers, dtype, skip, bar)
-                skip = 0
+                _write_batch(writer, *pending.popleft(), layers, dtype, bar)
             if sleep:
                 time.sleep(sleep)
         while pending:
-            _write_batch(writer, *pending.popleft(), layers, dtype, skip, bar)
-            skip = 0
+            _write_batch(writer, *pending.popleft(), layers, dtype, bar)
     finally:
         bar.close()
 
@@ -392,17 +476,16 @@ def _cast_and_max_abs(acts: tuple, keep: jax.Array, dtype: str):
     return tuple(a.astype(dtype) for a in acts), max_abs
 
 
-def _write_batch(writer, batch: Batch, device_out, layers: list[int], dtype: str, skip: int, bar) -> None:
+def _write_batch(writer, batch: Batch, device_out, keep: slice, layers: list[int], dtype: str, bar) -> None:
     activations, max_abs = device_out
     if max_abs is not None:
         _check_range(np.asarray(max_abs), layers, dtype, batch)
-    keep = slice(skip, None)
     acts = {}
     for layer, values in zip(layers, activations):
         host = np.asarray(values)  # (batch_size, length, d_mlp)
         acts[layer] = host[batch.rows[keep], batch.cols[keep]]
     writer.append(acts, batch.token_ids[keep], batch.doc_index[keep], batch.cols[keep], batch.label_index[keep])
-    bar.update(len(batch.rows) - skip)
+    bar.update(len(batch.token_ids[keep]))
 
 
 def _check_range(max_abs: np.ndarray, layers: list[int], dtype: str, batch: Batch) -> None:

@@ -3,6 +3,7 @@
     python sharded_worker.py sharded   IN.npz OUT.npz   # 8 simulated CPU devices, meshes of 4 and 8
     python sharded_worker.py multihost IN.npz OUT.npz PORT PROCESS_ID   # one of 2 processes, 2 devices each
     python sharded_worker.py extract   IN.npz OUT_DIR   # 8 simulated CPU devices: extractions on 8 and 4
+    python sharded_worker.py extract_multihost IN.npz OUT_DIR PORT PROCESS_ID   # one of 2 processes, 2 devices each
 
 ``IN.npz`` holds ``X`` (and ``X_new``); the results go to ``OUT.npz`` (NumPy arrays only, no pickle).
 The device count comes from ``XLA_FLAGS=--xla_force_host_platform_device_count=N``, set by the caller.
@@ -169,6 +170,36 @@ def run_extract(data, out):
                 **EXTRACT_SETTINGS, **settings)
 
 
+# Multi-process extraction (tests/test_extract_multihost.py): the settings every run uses.
+MULTIHOST_EXTRACT_SETTINGS = dict(layers=[0, 1], max_length=32, batch_size=6, chunk_tokens=32, dtype="bfloat16",
+                                  progress=False)
+
+
+def run_extract_multihost(data, out, port, process_id):
+    """Extract ``data['corpus']`` into each of ``data['targets']`` (folders on the shared disk) as one of 2
+    processes; an error is recorded in ``OUT_DIR/errors{process_id}.json`` (target -> message) and the
+    next target is tried, so the test sees what each process said."""
+    import json
+
+    from jsnmf import distributed
+
+    distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=process_id,
+                           cpu_collectives="gloo")
+    import jax
+
+    from jsnmf.extract import extract
+
+    assert jax.process_count() == 2 and jax.local_device_count() == 2
+    errors = {}
+    for target in data["targets"]:
+        try:
+            extract(data["model"].item(), data["corpus"].item(), target, **MULTIHOST_EXTRACT_SETTINGS)
+        except Exception as err:  # noqa: BLE001 - recorded for the test
+            errors[str(target)] = f"{type(err).__name__}: {err}"
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / f"errors{process_id}.json").write_text(json.dumps(errors))
+
+
 def main():
     mode, path_in, path_out = sys.argv[1:4]
     with np.load(path_in) as data:
@@ -179,6 +210,8 @@ def main():
         run_extract(data, path_out)
     elif mode == "multihost":
         run_multihost(data, path_out, int(sys.argv[4]), int(sys.argv[5]))
+    elif mode == "extract_multihost":
+        run_extract_multihost(data, path_out, int(sys.argv[4]), int(sys.argv[5]))
     else:
         raise SystemExit(f"unknown mode {mode!r}")
 
@@ -201,12 +234,22 @@ def problem():
     return X, X_new
 
 
-def start_worker(args, n_devices, log_path):
+def free_port() -> int:
+    """A TCP port free on localhost now (for a jax.distributed coordinator)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_worker(args, n_devices, log_path, env=None):
     """Start ``python sharded_worker.py ARGS`` with ``n_devices`` simulated CPU devices."""
     import os
     import subprocess
 
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={n_devices}")
+    env = dict(os.environ, **(env or {}), JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={n_devices}")
     log = open(log_path, "w")
     try:
         return subprocess.Popen([sys.executable, WORKER, *map(str, args)], env=env, stdout=log,

@@ -1,8 +1,6 @@
 """Two processes on localhost (``jax.distributed``, gloo CPU collectives, 2 devices each), each
 feeding only its share of the tokens, fit the same factors as one process with all the tokens."""
 
-import socket
-
 import numpy as np
 import pytest
 
@@ -10,15 +8,9 @@ from jsnmf import SNMF
 
 import sharded_worker as worker
 from rounding import relative, rounding_tolerances
-from sharded_worker import RANK, SETTINGS, case_name
+from sharded_worker import RANK, SETTINGS, case_name, free_port
 
 CUT = 151  # process 0 holds rows [0, 151), process 1 rows [151, 301): neither a multiple of 2
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_store(path, X, chunk_tokens=50):

@@ -38,11 +38,11 @@ def append_range(writer, acts, meta, start, stop):
     )
 
 
-def create(path, dtype="float32", chunk_tokens=7):
+def create(path, dtype="float32", chunk_tokens=7, **meta):
     documents = [Document(f"doc {i}", ["a", "b", None][i % 3]) for i in range(5)]
     return ActivationStore.create(
         path, layers=LAYERS, d_mlp=D_MLP, dtype=dtype, chunk_tokens=chunk_tokens,
-        meta={"model_type": "test", "tokenizer": {"path": "/some/tokenizer"}},
+        meta={"model_type": "test", "tokenizer": {"path": "/some/tokenizer"}, **meta},
         documents=documents, labels=["a", "b", "c"],
     )
 
@@ -170,6 +170,62 @@ def test_resume_after_crash_mid_commit_is_identical(tmp_path, monkeypatch):
         for sub in ["layer_01", "layer_04", "tokens"]:
             name = f"chunk_{index:06d}.npy"
             assert (tmp_path / "s" / sub / name).read_bytes() == (tmp_path / "ref" / sub / name).read_bytes()
+
+
+def write_chunks_by_record(path, acts, meta, first_chunk, stop):
+    """Tokens ``[7·first_chunk, stop)`` written as another process of an extraction writes them."""
+    writer = writer_module.ChunkWriter(path, json.loads((path / "manifest.json").read_text()), first_chunk)
+    append_range(writer, acts, meta, 7 * first_chunk, stop)
+    writer.finish()
+
+
+def test_chunks_committed_by_record_in_any_order_make_the_same_store(tmp_path):
+    """Chunks of 7 tokens: 0-7, 7-14, 14-21, 21-23. Written by record out of order, with a gap, and
+    completed by the writer holding the store, the files equal those of one writer in order."""
+    acts, meta = random_run()
+    reference = write_store(tmp_path / "ref", acts, meta, "bfloat16")
+    path = tmp_path / "s"
+    create(path, "bfloat16", n_tokens_expected=N).abort()
+    write_chunks_by_record(path, acts, meta, 2, N)  # chunks 2 and 3, the short last one included
+    write_chunks_by_record(path, acts, meta, 0, 7)
+    assert sorted(p.name for p in (path / "commits").iterdir()) == [
+        "chunk_000000.json", "chunk_000002.json", "chunk_000003.json"]
+    assert ActivationStore.open(path, allow_incomplete=True).n_tokens == 0  # the manifest lists none yet
+
+    holder = ActivationStore.resume(path)  # lists chunk 0 (no gap before it); 2 and 3 wait for chunk 1
+    assert holder.n_committed == 7 and holder.has_records
+    assert sorted(p.name for p in (path / "commits").iterdir()) == ["chunk_000002.json", "chunk_000003.json"]
+    write_chunks_by_record(path, acts, meta, 1, 14)
+    holder.adopt_records()
+    assert holder.n_committed == N and not holder.has_records
+    store = holder.close()
+    assert store.chunk_bounds == reference.chunk_bounds and not (path / "commits").exists()
+    assert store.manifest["checksums"] == reference.manifest["checksums"]
+    for sub in ["layer_01", "layer_04", "tokens"]:
+        for index in range(4):
+            name = f"{sub}/chunk_{index:06d}.npy"
+            assert (path / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
+    np.testing.assert_array_equal(store.read(4), ActivationStore.open(tmp_path / "ref").read(4))
+
+
+def test_commit_records_are_checked(tmp_path):
+    acts, meta = random_run()
+    path = tmp_path / "s"
+    create(path, n_tokens_expected=N).abort()
+    writer = writer_module.ChunkWriter(path, json.loads((path / "manifest.json").read_text()), 1)
+    append_range(writer, acts, meta, 7, 10)  # stops inside chunk 1, which is not the last
+    with pytest.raises(RuntimeError, match="ended at token 10, inside chunk 1"):
+        writer.finish()
+    write_chunks_by_record(path, acts, meta, 1, 14)
+    record = path / "commits" / "chunk_000001.json"
+    record.write_text(record.read_text().replace('"start": 7', '"start": 8'))
+    with pytest.raises(ValueError, match=r"corrupt manifest \(commits/chunk_000001.json\), a chunk's commit record"):
+        ActivationStore.resume(path)
+    record.write_text("{")
+    with pytest.raises(ValueError, match=r"commits/chunk_000001.json"):
+        ActivationStore.resume(path)
+    remove_store(path)
+    assert not path.exists() or sorted(p.name for p in path.iterdir()) == [".lock"]
 
 
 def test_commit_errors_reach_the_caller(tmp_path, monkeypatch):

@@ -23,6 +23,9 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 DOCUMENTS = "documents.jsonl"
 TOKENS_DIR = "tokens"
+# Chunks committed by the processes of a multi-process extraction, one record each, until the
+# coordinating process lists them in the manifest (jsnmf.store.writer.ChunkWriter).
+COMMITS_DIR = "commits"
 LOCK = ".lock"
 TOKEN_COLUMNS = ("token_id", "doc_index", "position", "label_index")
 
@@ -49,6 +52,10 @@ layer_dir = layer_dir_name
 
 def chunk_name(index: int) -> str:
     return f"chunk_{index:06d}.npy"
+
+
+def commit_record_name(index: int) -> str:
+    return f"chunk_{index:06d}.json"
 
 
 def now_utc() -> str:

@@ -18,9 +18,10 @@ from jsnmf.io.files import FolderLock
 from jsnmf.dtypes import DTYPES
 from jsnmf.io.files import TMP_SUFFIX, atomic_write, atomic_write_json
 from jsnmf.layout import hook_name
-from jsnmf.store.format import (DOCUMENTS, FORMAT_NAME, FORMAT_VERSION, LOCK, MANIFEST, TOKENS_DIR,
-                                TOKEN_COLUMNS, RESERVED_KEYS, save_npy_atomic, chunk_name, fsync_dir,
-                                layer_dir, now_utc, read_store_manifest, check_dtype)
+from jsnmf.io.manifest import corrupt
+from jsnmf.store.format import (COMMITS_DIR, DOCUMENTS, FORMAT_NAME, FORMAT_VERSION, LOCK, MANIFEST, TOKENS_DIR,
+                                TOKEN_COLUMNS, RESERVED_KEYS, save_npy_atomic, chunk_name, commit_record_name,
+                                fsync_dir, layer_dir, now_utc, read_store_manifest, check_dtype)
 from jsnmf.store.reader import ActivationStore
 
 
@@ -35,7 +36,7 @@ def _is_leftover_of_killed_create(path: Path) -> bool:
     killed early)."""
     for entry in path.iterdir():
         name = entry.name
-        known = name in (DOCUMENTS, TOKENS_DIR, LOCK) or name.startswith("layer_") or name.endswith(TMP_SUFFIX)
+        known = name in (DOCUMENTS, TOKENS_DIR, COMMITS_DIR, LOCK) or name.startswith("layer_") or name.endswith(TMP_SUFFIX)
         if not known:
             return False
     return not (path / MANIFEST).exists()
@@ -57,7 +58,7 @@ def _remove_store_files(path: Path) -> None:
     for entry in path.iterdir():
         if entry.name == LOCK:
             continue
-        if entry.is_dir() and (entry.name == TOKENS_DIR or entry.name.startswith("layer_")):
+        if entry.is_dir() and (entry.name in (TOKENS_DIR, COMMITS_DIR) or entry.name.startswith("layer_")):
             shutil.rmtree(entry)
         elif entry.name in (DOCUMENTS, MANIFEST) or entry.name.endswith(TMP_SUFFIX):
             entry.unlink()
@@ -66,10 +67,10 @@ def _remove_store_files(path: Path) -> None:
 class StoreWriter:
     """Appends tokens to a store, committing whole chunks of ``chunk_tokens`` tokens atomically."""
 
-    def __init__(self, path: Path, manifest: dict, lock: FolderLock):
+    def __init__(self, path: Path, manifest: dict, lock: FolderLock | None):
         self.path = path
         self.manifest = manifest  # owned by the commit thread while it runs; see _write_chunk
-        self._lock = lock
+        self._lock = lock  # None: another process of the same extraction holds it (ChunkWriter)
         self._layers = list(manifest["layers"])
         self._acts: dict[int, list[np.ndarray]] = {layer: [] for layer in self._layers}
         self._tokens: list[np.ndarray] = []
@@ -141,7 +142,12 @@ class StoreWriter:
             raise ValueError(f"{path}: the store is complete; nothing to resume")
         lock = FolderLock(path, LOCK, busy="another process is writing this store")
         writer = cls(path, manifest, lock)
-        writer._drop_uncommitted_files()
+        try:
+            writer._drop_uncommitted_files()
+            writer.adopt_records()
+        except BaseException:
+            writer.abort()
+            raise
         return writer
 
     # -- state
@@ -217,6 +223,9 @@ class StoreWriter:
             self.manifest["updated"] = now_utc()
             atomic_write_json(self.path / MANIFEST, self.manifest)
             fsync_dir(self.path)
+            commits = self.path / COMMITS_DIR
+            if commits.is_dir() and not any(commits.iterdir()):  # every record adopted
+                commits.rmdir()
         finally:
             self.abort()
         return ActivationStore.open(self.path)
@@ -227,7 +236,8 @@ class StoreWriter:
         try:
             self._committer.stop()
         finally:
-            self._lock.release()
+            if self._lock is not None:
+                self._lock.release()
 
     def __enter__(self) -> "StoreWriter":
         return self
@@ -263,36 +273,142 @@ class StoreWriter:
 
     def _write_chunk(self, index: int, start: int, n: int, blocks: dict, tokens: list) -> None:
         """(Commit thread) Write chunk ``index``'s files, then list it in the manifest: the commit point."""
-        checksums = dict(self.manifest.get("checksums", {}))
-        for directory, rows in [*((layer_dir(layer), blocks[layer]) for layer in self._layers), (TOKENS_DIR, tokens)]:
-            name = f"{directory}/{chunk_name(index)}"
-            checksums[name] = save_npy_atomic(self.path / name, rows)
-        for directory in [*(layer_dir(layer) for layer in self._layers), TOKENS_DIR]:
-            fsync_dir(self.path / directory)
+        checksums = {**self.manifest.get("checksums", {}), **self._write_chunk_files(index, blocks, tokens)}
         manifest = {**self.manifest, "chunks": [*self.manifest["chunks"], [start, start + n]],
                     "n_tokens": start + n, "updated": now_utc(), "checksums": checksums}
         atomic_write_json(self.path / MANIFEST, manifest)
         self.manifest = manifest  # one assignment: readers of n_committed never see half an update
 
+    def _write_chunk_files(self, index: int, blocks: dict, tokens: list) -> dict[str, str]:
+        """Write and fsync chunk ``index``'s files (every layer and the tokens); return their sha256 by name."""
+        checksums = {}
+        for directory, rows in [*((layer_dir(layer), blocks[layer]) for layer in self._layers), (TOKENS_DIR, tokens)]:
+            name = f"{directory}/{chunk_name(index)}"
+            checksums[name] = save_npy_atomic(self.path / name, rows)
+        for directory in [*(layer_dir(layer) for layer in self._layers), TOKENS_DIR]:
+            fsync_dir(self.path / directory)
+        return checksums
+
+    def adopt_records(self) -> None:
+        """List in the manifest the chunks other processes committed by record (:class:`ChunkWriter`) that
+        continue its chunks without a gap, then delete their records. A kill between the two steps
+        leaves records of listed chunks, which are ignored."""
+        self._committer.wait()
+        records = read_commit_records(self.path, self.manifest)
+        listed = len(self.manifest["chunks"])
+        chunks, checksums, index = list(self.manifest["chunks"]), dict(self.manifest.get("checksums", {})), listed
+        while index in records:
+            record = records[index]
+            chunks.append([record["start"], record["stop"]])
+            checksums.update(record["checksums"])
+            index += 1
+        if index > listed:
+            manifest = {**self.manifest, "chunks": chunks, "n_tokens": chunks[-1][1], "updated": now_utc(),
+                        "checksums": checksums}
+            atomic_write_json(self.path / MANIFEST, manifest)
+            self.manifest = manifest
+            self._next_chunk, self._next_start = index, chunks[-1][1]
+        for stale in [i for i in records if i < index]:
+            (self.path / COMMITS_DIR / commit_record_name(stale)).unlink()
+
+    @property
+    def has_records(self) -> bool:
+        """Whether chunks committed by record wait beyond the manifest's (a multi-process extraction's)."""
+        listed = len(self.manifest["chunks"])
+        return any(index >= listed for index in read_commit_records(self.path, self.manifest))
+
     def _drop_uncommitted_files(self) -> None:
         """Delete temporaries and chunk files past the committed ones (a chunk interrupted mid-write)."""
         n_chunks = len(self.manifest["chunks"])
-        committed = {chunk_name(i) for i in range(n_chunks)}
+        indices = sorted({*range(n_chunks), *read_commit_records(self.path, self.manifest)})
+        committed = {chunk_name(i) for i in indices}
         for directory in [*(layer_dir(layer) for layer in self._layers), TOKENS_DIR]:
             for entry in (self.path / directory).iterdir():
                 if entry.name not in committed:
                     entry.unlink()
-        for entry in self.path.iterdir():
-            if entry.name.endswith(TMP_SUFFIX):
-                entry.unlink()
+        for folder in (self.path, self.path / COMMITS_DIR):
+            for entry in (folder.iterdir() if folder.is_dir() else ()):
+                if entry.name.endswith(TMP_SUFFIX):
+                    entry.unlink()
         missing = [
-            p for i in range(n_chunks)
+            p for i in indices
             for p in [*(self.path / layer_dir(layer) / chunk_name(i) for layer in self._layers),
                       self.path / TOKENS_DIR / chunk_name(i)]
             if not p.is_file()
         ]
         if missing:
             raise ValueError(f"{self.path}: damaged store, committed chunk file {missing[0]} is missing")
+
+
+class ChunkWriter(StoreWriter):
+    """Writes chunks ``first_chunk, first_chunk + 1, ...`` of a store that several processes write at once.
+
+    Each chunk is committed by a record ``commits/chunk_{i:06d}.json`` (its token bounds and the sha256
+    of its files), written atomically after its files, instead of by the manifest: the manifest has one
+    writer, the coordinating process, which lists the recorded chunks when every process is done
+    (:meth:`StoreWriter.adopt_records`). Chunk ``i`` holds tokens ``[i·chunk_tokens, (i+1)·chunk_tokens)``,
+    as in a store one process writes, so the files are the same whoever writes them.
+    The coordinating process holds the store's lock; this writer takes none.
+    """
+
+    def __init__(self, path: Path, manifest: dict, first_chunk: int):
+        super().__init__(path, manifest, lock=None)
+        self._next_chunk = int(first_chunk)
+        self._next_start = int(first_chunk) * self.chunk_tokens
+        self._n_tokens_expected = int(manifest["n_tokens_expected"])
+        (path / COMMITS_DIR).mkdir(exist_ok=True)
+
+    def _write_chunk(self, index: int, start: int, n: int, blocks: dict, tokens: list) -> None:
+        """(Commit thread) Write chunk ``index``'s files, then its record: the commit point."""
+        checksums = self._write_chunk_files(index, blocks, tokens)
+        record = {"chunk": index, "start": start, "stop": start + n, "checksums": checksums}
+        atomic_write_json(self.path / COMMITS_DIR / commit_record_name(index), record, private=True)
+        fsync_dir(self.path / COMMITS_DIR)
+
+    def finish(self) -> None:
+        """Commit what is buffered (only the store's last chunk may be short) and wait for every commit."""
+        try:
+            if self._n_buffered:
+                if self.n_tokens != self._n_tokens_expected:
+                    raise RuntimeError(f"{self.path}: a share of the extraction ended at token {self.n_tokens}, "
+                                       f"inside chunk {self._next_chunk} (a bug: shares end at chunk bounds)")
+                self._commit(self._n_buffered)
+            self._committer.wait()
+        finally:
+            self.abort()
+
+    def close(self, meta: Mapping | None = None) -> ActivationStore:
+        raise RuntimeError("a ChunkWriter does not complete the store: call finish(); the coordinating "
+                           "process lists the chunks and completes it")
+
+
+def read_commit_records(path: Path, manifest: dict) -> dict[int, dict]:
+    """The commit records in ``path/commits/``, by chunk index (those of chunks the manifest lists too
+    are left over from a kill during :meth:`StoreWriter.adopt_records`).
+
+    Each is checked against the store's chunk layout (a record is written whole, atomically, so a
+    record that does not parse was damaged afterwards: it is refused, naming the file)."""
+    folder = path / COMMITS_DIR
+    if not folder.is_dir():
+        return {}
+    chunk_tokens = int(manifest["chunk_tokens"])
+    expected = manifest.get("n_tokens_expected")
+    records = {}
+    for file in sorted(folder.glob("chunk_*.json")):
+        try:
+            record = json.loads(file.read_text())
+            index, start, stop = (record[key] for key in ("chunk", "start", "stop"))
+            valid = (all(isinstance(v, int) and not isinstance(v, bool) for v in (index, start, stop))
+                     and isinstance(record["checksums"], dict) and file.name == commit_record_name(index)
+                     and start == index * chunk_tokens and start < stop <= start + chunk_tokens
+                     and (stop == start + chunk_tokens or stop == expected))
+        except (OSError, ValueError, KeyError, TypeError):
+            valid = False
+        if not valid:
+            raise corrupt(path, "a chunk's commit record is unreadable or does not match the store's chunks",
+                          f"{COMMITS_DIR}/{file.name}")
+        records[index] = record
+    return records
 
 
 class _CommitThread:
