@@ -46,13 +46,14 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from jsnmf import models
@@ -117,11 +118,15 @@ def extract(
     it (``ActivationStore.model_path`` resolves them), so a run folder can be moved.
     ``resume``: continue an interrupted extraction in ``out_dir`` (a store of a different corpus,
     model or settings is refused); with False an existing store in ``out_dir`` is replaced.
-    ``mesh``: the devices of the forward pass, a ``jax.sharding.Mesh`` with an axis ``data`` whose devices
-    (those of this process) take whole batches in turn (parameters replicated); None: every device of
-    this process. The store is byte-identical whatever the mesh and the number of processes (the
-    module docstring says how processes share the work; the manifest records the device and process
-    counts, ``extract_devices`` and ``extract_processes``, only as information; a resume may use others).
+    ``mesh``: the devices of the forward pass, a ``jax.sharding.Mesh`` with an axis ``data`` whose positions
+    (those of this process) take whole batches in turn, each holding a copy of the parameters; with
+    more axes (e.g. ``Mesh(devices.reshape(4, 2), ("data", "model"))``) the devices of a position share
+    one copy, sharded over them, for a model too large for one device. None: every device of this
+    process, parameters replicated. The store is byte-identical whatever the ``data`` positions and
+    the number of processes (the module docstring says how processes share the work); with sharded
+    parameters XLA splits the matmuls, so the activations equal the one-device ones up to float
+    rounding. The manifest records the device and process counts (``extract_devices``,
+    ``extract_processes``) only as information; a resume may use others.
     Returns the finished store.
     """
     layers = _check_settings(layers, max_length, batch_size, dtype, chunk_tokens)
@@ -159,7 +164,7 @@ def extract(
     meta = _manifest_meta(model_path_or_id, model_dir, config, tokenizer, corpus, bos, plan, layers, dtype,
                           compute_dtype, max_length, batch_size, drop_bos, chunk_tokens, add_bos,
                           run_dir=out_dir.parent, hook=hook)
-    counts = {"extract_devices": int(per_process(len(devices)).sum()), "extract_processes": jax.process_count()}
+    counts = {"extract_devices": int(per_process(sum(map(len, devices))).sum()), "extract_processes": jax.process_count()}
     with all_or_none("opening the store"):  # process 0 opens it; the others wait for it
         writer = (_open_writer(out_dir, meta, corpus, layers, width, dtype, chunk_tokens, resume, hook)
                   if jax.process_index() == 0 else None)
@@ -273,24 +278,61 @@ def _check_token_ids(plan: TokenPlan, config) -> None:
 # ---------------------------------------------------------------- devices
 
 
-def extraction_devices(mesh: Mesh | None) -> list:
-    """The devices of this process that run the forward pass: those of ``mesh`` (checked), or for None
-    every device of this process. Other processes' devices in ``mesh`` run their own shares."""
+def extraction_devices(mesh: Mesh | None) -> list[list]:
+    """The groups of devices of this process that run the forward pass, one group per position of the
+    mesh axis ``data`` (a group takes whole batches; its devices, along the mesh's other axes, hold one
+    copy of the parameters sharded over them). For None: every device of this process, one per group."""
     if mesh is None:
-        return list(jax.local_devices())
+        return [[device] for device in jax.local_devices()]
     check_mesh(mesh)
-    devices = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
-    if not devices:
+    by_position = np.moveaxis(mesh.devices, mesh.axis_names.index(DATA), 0).reshape(mesh.shape[DATA], -1)
+    groups = []
+    for position, group in enumerate(by_position):
+        owners = {device.process_index for device in group}
+        if len(owners) > 1:
+            raise ValueError(f"the devices at position {position} of the mesh axis {DATA!r} belong to processes "
+                             f"{sorted(owners)}: a copy of the parameters must lie within one process")
+        if owners == {jax.process_index()}:
+            groups.append(list(group))
+    if not groups:
         raise ValueError(f"the extraction mesh holds no device of process {jax.process_index()} "
                          f"(axis {DATA!r}, {mesh.devices.size} devices); every process extracts on its own devices")
-    return devices
+    return groups
 
 
-def replicas(model, devices: list) -> list:
-    """``model`` with its parameters (and other state) on each of ``devices``, one model per device
-    (``model`` itself where it already lies there)."""
+PARAMETER_AXIS = "model"  # the axis of a device group's own mesh, over which its copy of the parameters is sharded
+
+
+class Replica(NamedTuple):
+    """One copy of the model on a group of devices, and where its inputs go (replicated over the group)."""
+
+    model: object
+    inputs: object  # a device, or a replicated NamedSharding over the group
+
+
+def replicas(model, groups: list[list]) -> list[Replica]:
+    """``model`` on each group of devices: on one device whole; on several, each parameter sharded over
+    them (:func:`_parameter_spec`, XLA partitions the forward), for a model too large for one device."""
     graphdef, state = nnx.split(model)
-    return [nnx.merge(graphdef, jax.device_put(state, device)) for device in devices]
+    copies = []
+    for group in groups:
+        if len(group) == 1:
+            copies.append(Replica(nnx.merge(graphdef, jax.device_put(state, group[0])), group[0]))
+            continue
+        group_mesh = Mesh(np.array(group), (PARAMETER_AXIS,))
+        shardings = jax.tree.map(lambda a: NamedSharding(group_mesh, _parameter_spec(np.shape(a), len(group))), state)
+        copies.append(Replica(nnx.merge(graphdef, jax.device_put(state, shardings)),
+                              NamedSharding(group_mesh, PartitionSpec())))
+    return copies
+
+
+def _parameter_spec(shape: tuple, n_devices: int) -> PartitionSpec:
+    """Shard a parameter along its last axis that ``n_devices`` divides (d_model, d_mlp and the vocabulary
+    usually do), else keep it whole on every device (norm scales too small to matter)."""
+    for axis in reversed(range(len(shape))):
+        if shape[axis] % n_devices == 0 and shape[axis] >= n_devices:
+            return PartitionSpec(*([None] * axis), PARAMETER_AXIS)
+    return PartitionSpec()
 
 
 # ---------------------------------------------------------------- the store
@@ -412,14 +454,14 @@ def _manifest_meta(model_path_or_id, model_dir: Path, config, tokenizer, corpus,
 def run_batches(model, plan: TokenPlan, writer, layers: list[int], dtype: str, progress: bool,
                 hook: str = "hook_post", devices: list | None = None, stop: int | None = None) -> None:
     """Run the batches holding tokens ``writer.n_tokens`` (the first it has not got) to ``stop`` (default:
-    the last) and append those tokens' activations to ``writer``. ``devices``: this process's devices
-    of the forward pass (default: all of them), each given a replica of ``model``'s parameters."""
+    the last) and append those tokens' activations to ``writer``. ``devices``: this process's groups of
+    devices (:func:`extraction_devices`; default: every device, one per group), each group given a copy of
+    ``model``'s parameters (:func:`replicas`)."""
     start = writer.n_tokens
     stop = plan.n_tokens if stop is None else stop
     if start >= stop:
         return
-    devices = extraction_devices(None) if devices is None else devices
-    on_device = replicas(model, devices)
+    on_device = replicas(model, extraction_devices(None) if devices is None else devices)
     # The batches holding the first and the last token wanted.
     first = int(np.searchsorted(plan.batch_token_starts, start, side="right") - 1)
     last = int(np.searchsorted(plan.batch_token_starts, stop - 1, side="right") - 1)
@@ -432,15 +474,15 @@ def run_batches(model, plan: TokenPlan, writer, layers: list[int], dtype: str, p
 
     def forward(batch: Batch, replica: int):
         names = [hook_name(layer, hook) for layer in layers]
-        ids, mask = jax.device_put((batch.input_ids, batch.attention_mask), devices[replica])
-        out = on_device[replica](ids, attention_mask=mask, capture=names,
+        ids, mask = jax.device_put((batch.input_ids, batch.attention_mask), on_device[replica].inputs)
+        out = on_device[replica].model(ids, attention_mask=mask, capture=names,
                                  stop_at_layer=max(layers) + 1)  # runs blocks 0..max(layers) only
         acts = tuple(out.activations[name] for name in names)
         if not cast_on_device:
             return acts, None
         keep = np.zeros(batch.input_ids.shape, bool)
         keep[batch.rows, batch.cols] = True
-        keep = jax.device_put(keep, devices[replica])
+        keep = jax.device_put(keep, on_device[replica].inputs)
         return _cast_and_max_abs(acts, keep, dtype)
 
     def kept(b: int) -> slice:  # the tokens of batch b within [start, stop), counted from its first
@@ -458,8 +500,8 @@ def run_batches(model, plan: TokenPlan, writer, layers: list[int], dtype: str, p
         pending: collections.deque = collections.deque()
         for b in range(first, last + 1):
             batch = make_batch(plan, b, pad_id, longest)
-            pending.append((batch, forward(batch, (b - first) % len(devices)), kept(b)))
-            if len(pending) > len(devices):
+            pending.append((batch, forward(batch, (b - first) % len(on_device)), kept(b)))
+            if len(pending) > len(on_device):
                 _write_batch(writer, *pending.popleft(), layers, dtype, bar)
             if sleep:
                 time.sleep(sleep)

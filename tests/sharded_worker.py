@@ -153,6 +153,8 @@ EXTRACT_RUNS = {
     "4_float32_b8": (4, dict(batch_size=8, dtype="float32")),
 }
 EXTRACT_SETTINGS = dict(layers=[0, 1], max_length=32, chunk_tokens=128, progress=False)
+# The mesh (4 data, 2 model): 4 copies of the parameters, each sharded over 2 devices.
+SHARDED_PARAMETERS_RUN = ("4x2_float32_b6", dict(batch_size=6, dtype="float32"))
 
 
 def run_extract(data, out):
@@ -168,6 +170,22 @@ def run_extract(data, out):
         mesh = None if n_devices is None else Mesh(devices[:n_devices], ("data",))
         extract(data["model"].item(), data["corpus"].item(), Path(out) / name, mesh=mesh,
                 **EXTRACT_SETTINGS, **settings)
+    import json
+
+    from flax import nnx
+
+    from jsnmf import models
+    from jsnmf.extract import extraction_devices, replicas
+
+    name, settings = SHARDED_PARAMETERS_RUN
+    mesh = Mesh(devices.reshape(4, 2), ("data", "model"))
+    extract(data["model"].item(), data["corpus"].item(), Path(out) / name, mesh=mesh, **EXTRACT_SETTINGS, **settings)
+    # How the parameters of one copy lie: (shape, shape of the part each device holds) per parameter.
+    model, _ = models.load(data["model"].item())
+    copies = replicas(model, extraction_devices(mesh))
+    parameters = jax.tree.leaves(nnx.state(copies[0].model))
+    (Path(out) / f"{name}_parameters.json").write_text(json.dumps(
+        {"copies": len(copies), "shapes": [[list(a.shape), list(a.sharding.shard_shape(a.shape))] for a in parameters]}))
 
 
 # Multi-process extraction (tests/test_extract_multihost.py): the settings every run uses.

@@ -1,5 +1,6 @@
 """Data-parallel extraction: the store made on 8 and on 4 simulated CPU devices (whole batches dealt
-out to the devices in turn, written back in order) is byte-identical to the store made on one device.
+out to the devices in turn, written back in order) is byte-identical to the store made on one device;
+with the parameters sharded over a second mesh axis it equals it up to float32 rounding.
 
 A worker process (``sharded_worker.py extract``, started with 8 simulated devices) extracts the first
 documents of the demo corpus with the demo model; this process (one device) makes the references.
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 import sharded_worker as worker
-from sharded_worker import EXTRACT_RUNS, EXTRACT_SETTINGS
+from sharded_worker import EXTRACT_RUNS, EXTRACT_SETTINGS, SHARDED_PARAMETERS_RUN
 
 from jsnmf.extract import extract
 from jsnmf.store import ActivationStore
@@ -31,7 +32,7 @@ def stores(tmp_path_factory):
     log = root / "worker.log"
     process = worker.start_worker(["extract", root / "in.npz", root / "sharded"], 8, log)
     try:
-        for name, (_, settings) in EXTRACT_RUNS.items():
+        for name, (_, settings) in [*EXTRACT_RUNS.items(), (SHARDED_PARAMETERS_RUN[0], (None, SHARDED_PARAMETERS_RUN[1]))]:
             extract(model_dir, corpus, root / "single" / name, **EXTRACT_SETTINGS, **settings)
         worker.finish_workers([process], [log], timeout=480)
     finally:
@@ -71,3 +72,26 @@ def test_a_store_resumes_on_another_mesh(stores, tmp_path):
     again = extract(store.model_path, store.manifest["corpus"]["path"], sharded_root / "8_float32_b6",
                     **EXTRACT_SETTINGS, **EXTRACT_RUNS["8_float32_b6"][1])
     assert again.manifest["updated"] == store.manifest["updated"]  # nothing recomputed
+
+
+def test_parameters_sharded_over_a_second_mesh_axis(stores):
+    """Mesh (4 data, 2 model): each of 4 copies of the parameters is split over 2 devices; XLA splits the
+    matmuls, so the activations equal the one-device ones up to float32 rounding, and all else is equal."""
+    sharded_root, single_root = stores
+    name = SHARDED_PARAMETERS_RUN[0]
+    layout = json.loads((sharded_root / f"{name}_parameters.json").read_text())
+    assert layout["copies"] == 4
+    split = [(shape, part) for shape, part in layout["shapes"] if part != shape]
+    assert all(part[:-1] == shape[:-1] and part[-1] * 2 == shape[-1] for shape, part in split)  # the last axis
+    assert len(split) >= len(layout["shapes"]) * 3 // 4  # the matrices and most vectors are split
+    sharded, single = ActivationStore.open(sharded_root / name), ActivationStore.open(single_root / name)
+    assert sharded.chunk_bounds == single.chunk_bounds and sharded.manifest["extract_devices"] == 8
+    np.testing.assert_array_equal(sharded.token_ids, single.token_ids)
+    np.testing.assert_array_equal(sharded.positions, single.positions)
+    for layer in single.layers:
+        reference = single.read(layer)
+        # Each block has a few matmuls of contraction length <= d_mlp; their float32 rounding, summed
+        # over the blocks up to this layer, bounds the difference relative to the activations' scale.
+        bound = 4 * (layer + 1) * single.d_mlp * np.finfo(np.float32).eps * np.abs(reference).max()
+        difference = np.abs(sharded.read(layer) - reference).max()
+        assert difference <= bound, (layer, difference, bound)
