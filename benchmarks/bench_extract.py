@@ -14,10 +14,13 @@ is the cost the pipeline does not hide. Another table measures the store alone (
 tokens/s it can absorb, i.e. the ceiling the disk puts on extraction on a fast accelerator. The last
 one is tokens/s against the number of devices of the data-parallel forward (meshes of 1, 2, 4, ...
 devices, store writes discarded); ``--devices N`` on a CPU simulates N devices, which share the same
-cores, so there it shows the mechanism and its overhead, not a speed-up.
+cores, so there it shows the mechanism and its overhead, not a speed-up. With ``--processes N`` a
+further table times the whole ``extract`` call (store written) by 1 process and by N processes under
+``jax.distributed`` on this machine (localhost coordinator, one device each, every process writing its
+share of one store): the multi-process path's cost where the processes share the same cores.
 
 Usage: python benchmarks/bench_extract.py [--lines 300] [--batch-size 16] [--max-length 128] [--repeats 2]
-       [--devices 4] [--device-lines 60]
+       [--devices 4] [--device-lines 60] [--processes 2]
 Prints a markdown table. Needs no network; writes only under a temporary directory.
 """
 
@@ -25,9 +28,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import platform
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -197,6 +202,70 @@ def device_scaling(model_dir, corpus, root: Path, layers, args) -> list[tuple[in
     return results
 
 
+def process_scaling(model_dir, corpus, root: Path, layers, args) -> list[tuple[int, float, float]]:
+    """``(processes, seconds, tokens/s)`` of the whole ``extract`` call (store written, float32) by 1 and by
+    ``args.processes`` processes, each a fresh run of this script (``--process-worker``); best of repeats."""
+    import socket
+    import subprocess
+
+    build_warmup_corpus(root / "warmup.txt", args.batch_size, args.max_length)
+    results = []
+    for n in (1, args.processes):
+        best = None
+        for repeat in range(args.repeats):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            out = root / f"processes_{n}_{repeat}"
+            command = [sys.executable, __file__, "--process-worker", str(model_dir), str(corpus), str(out), str(port),
+                       str(n), "--layers", ",".join(map(str, layers)), "--batch-size", str(args.batch_size),
+                       "--max-length", str(args.max_length), "--chunk-tokens", str(args.chunk_tokens)]
+            env = dict(os.environ, JAX_PLATFORMS="cpu")
+            workers = [subprocess.Popen([*command, str(i)], env=env) for i in range(n)]
+            if any(w.wait() != 0 for w in workers):
+                raise SystemExit(f"a --process-worker failed ({n} processes)")
+            timing = json.loads((out / "timing.json").read_text())
+            shutil.rmtree(out, ignore_errors=True)
+            print(f"  {n} process(es), repeat {repeat}: {timing['seconds']:.2f} s", flush=True)
+            if best is None or timing["seconds"] < best["seconds"]:
+                best = timing
+        results.append((n, best["seconds"], best["n_tokens"] / best["seconds"]))
+    return results
+
+
+def process_worker(argv: list[str]) -> None:
+    """One process of :func:`process_scaling`: join the job, warm up (compile every shape), meet the others,
+    time ``extract`` into the shared store, meet again; process 0 writes ``timing.json``."""
+    parser = argparse.ArgumentParser()
+    for name in ("model_dir", "corpus", "out", "port", "n_processes", "process_id"):
+        parser.add_argument(name)
+    for name in ("--layers", "--batch-size", "--max-length", "--chunk-tokens"):
+        parser.add_argument(name)
+    a = parser.parse_args(argv)
+    n, rank = int(a.n_processes), int(a.process_id)
+    import jax
+
+    from jsnmf import distributed
+    from jsnmf.extract import extract
+
+    if n > 1:
+        distributed.initialize(coordinator_address=f"127.0.0.1:{a.port}", num_processes=n, process_id=rank,
+                               cpu_collectives="gloo")
+    out = Path(a.out)
+    settings = dict(layers=[int(x) for x in a.layers.split(",")], batch_size=int(a.batch_size),
+                    max_length=int(a.max_length), chunk_tokens=int(a.chunk_tokens), dtype="float32", progress=False)
+    extract(a.model_dir, out.parent / "warmup.txt", out / "warmup", **settings)
+    with distributed.all_or_none("warming up"):  # a barrier: all start the clock together
+        pass
+    t0 = time.perf_counter()
+    store = extract(a.model_dir, a.corpus, out / "store", **settings)
+    with distributed.all_or_none("extracting"):
+        pass
+    seconds = time.perf_counter() - t0
+    if jax.process_index() == 0:
+        (out / "timing.json").write_text(json.dumps({"seconds": seconds, "n_tokens": store.n_tokens}))
+
+
 def _rate(result: dict) -> float:
     return result["n_tokens"] / result["loop_s"]
 
@@ -220,7 +289,11 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=1,
                         help="simulated CPU devices for the device table (default: the devices JAX sees)")
     parser.add_argument("--device-lines", type=int, default=128, help="documents of the device table's corpus")
+    parser.add_argument("--processes", type=int, default=0,
+                        help="also time extract by this many jax.distributed processes against 1 (0: skip)")
     parser.add_argument("--workdir", default=None, help="where to build the model and store (default: a temp dir)")
+    if sys.argv[1:2] == ["--process-worker"]:
+        return process_worker(sys.argv[2:])
     args = parser.parse_args()
     layers = [int(x) for x in args.layers.split(",")]
     _simulate_devices(args.devices)
@@ -250,6 +323,7 @@ def main() -> None:
         capacity = store_capacity(root, layers, 3072, args.chunk_tokens)
         build_corpus(root / "device_corpus.txt", args.device_lines, args.vocab_words, seed=1)
         scaling = device_scaling(model_dir, root / "device_corpus.txt", root, layers, args)
+        processes = process_scaling(model_dir, root / "device_corpus.txt", root, layers, args) if args.processes else []
     finally:
         if not args.workdir:
             shutil.rmtree(root, ignore_errors=True)
@@ -286,6 +360,14 @@ def main() -> None:
     print("|---:|---:|---:|")
     for n, rate in scaling:
         print(f"| {n} | {rate:,.1f} | {rate / scaling[0][1]:.2f}x |")
+    if processes:
+        print(f"\nWhole `extract` call ({args.device_lines} documents, store written in float32) by 1 process and by "
+              f"{args.processes} `jax.distributed` processes on this machine ({os.cpu_count()} CPU cores; each process "
+              "one device; warmed up, then started together):\n")
+        print("| processes | seconds | tokens/s | vs 1 process |")
+        print("|---:|---:|---:|---:|")
+        for n, seconds, rate in processes:
+            print(f"| {n} | {seconds:.2f} | {rate:,.1f} | {rate / processes[0][2]:.2f}x |")
     print("\nBatch loop: forward, host copy, gather of real tokens, store writes (incl. the final commit). End to end"
           " adds corpus reading, model loading and tokenization. Writer time: the store's calls in the main"
           " thread (dtype conversion, finiteness check, buffering, waiting for the last commit); chunk commits"
