@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-CASES = [("mu", None), ("mu", 0.2), ("hals", None), ("hals", 0.2)]
+CASES = [("mu", None), ("mu", 0.2), ("hals", None), ("hals", 0.2), ("ehals", 0.2)]
 SETTINGS = dict(max_iter=15, patience=1000, tol=0.0)
 RANK = 5
 
