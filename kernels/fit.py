@@ -76,8 +76,8 @@ def initial_momentum(G0: jax.Array | None, stats: Statistics, rule: Extrapolatio
     k = stats.GtG.shape[-1]
     scalar = lambda value: jnp.array(value, jnp.float32)  # noqa: E731
     return Momentum(None if G0 is None else jnp.copy(G0), jnp.copy(stats.XtG), jnp.copy(stats.GtG),
-                    jnp.copy(stats.GtG), jnp.ones((k,), jnp.float32), scalar(0.0), scalar(rule.beta0), scalar(1.0),
-                    scalar(jnp.inf))
+                    jnp.copy(stats.GtG), jnp.ones((k,), jnp.float32), scalar(0.0), scalar(rule.beta0),
+                    scalar(rule.ceiling), scalar(jnp.inf))
 
 
 def extrapolated_features(stats: Statistics, momentum: Momentum, config: SolverConfig):

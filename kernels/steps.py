@@ -216,12 +216,17 @@ class Extrapolation(NamedTuple):
     factorization algorithms using extrapolation"): after each iteration the codes move on past the new
     iterate, ``Ĝ = G + β·(G − G_prev)``, and the next iteration starts from ``Ĝ``. When the loss rises
     the next iteration restarts from ``G`` itself, ``β ← β/η`` and its cap ``β̄ ← β``; otherwise
-    ``β ← min(β̄, γ·β)`` and ``β̄ ← min(1, γ̄·β̄)``. The defaults are the paper's (``β₀ = 0.5``)."""
+    ``β ← min(β̄, γ·β)`` and ``β̄ ← min(ceiling, γ̄·β̄)``, from ``β = β₀``, ``β̄ = ceiling``.
+
+    ``ceiling`` is 1 in the paper; with winner-take-all ``F`` a weight near 1 overshot into other
+    sparsity patterns and worse local minima (on three GELU problems, n=4096, d=1536, k=64, it then took
+    more iterations than plain HALS to some of HALS' errors), while 0.8 reached each of them sooner."""
 
     beta0: float = 0.5
     eta: float = 1.5
     gamma: float = 1.1
     gamma_bar: float = 1.05
+    ceiling: float = 0.8
 
 
 def extrapolated_codes(G: jax.Array, G_prev: jax.Array, inv_scale: jax.Array, step: jax.Array) -> jax.Array:
@@ -255,7 +260,7 @@ def next_weights(rule: Extrapolation, loss, last_loss, beta, beta_max):
     rose = loss > last_loss
     step = jnp.where(rose, 0.0, beta)
     return (step, jnp.where(rose, beta / rule.eta, jnp.minimum(beta_max, rule.gamma * beta)),
-            jnp.where(rose, beta, jnp.minimum(1.0, rule.gamma_bar * beta_max)))
+            jnp.where(rose, beta, jnp.minimum(rule.ceiling, rule.gamma_bar * beta_max)))
 
 
 def codes_step(

@@ -86,19 +86,21 @@ def hals_codes_reference(G, P, Q, n_sweeps):
     return G
 
 
-def run_extrapolated(X, G0, n_iter, codes, p=None, beta0=0.5, eta=1.5, gamma=1.1, gamma_bar=1.05, ridge=1e-6):
+def run_extrapolated(X, G0, n_iter, codes, p=None, beta0=0.5, eta=1.5, gamma=1.1, gamma_bar=1.05, ceiling=1.0,
+                     ridge=1e-6):
     """The five steps with the codes extrapolated between iterations (Ang & Gillis 2019), from the formulas.
 
     Each iteration computes ``F`` from the extrapolated codes ``Ĝ`` (formed explicitly here, and its
     products taken directly), rescales by the column norms of ``Ĝ``, and updates the codes with
     ``codes(G, P, Q)`` from ``max(0, Ĝ)``. Then ``Ĝ = G_new + β·(G_new − G/c)`` with ``β = 0`` when the loss
-    rose (restart: ``β ← β/η``, ``β̄ ← β``), else ``β ← min(β̄, γβ)``, ``β̄ ← min(1, γ̄β̄)``; ``G/c`` is the
-    previous codes in the new scaling. Returns the list of ``(F, G, loss)`` after each iteration.
+    rose (restart: ``β ← β/η``, ``β̄ ← β``), else ``β ← min(β̄, γβ)``, ``β̄ ← min(ceiling, γ̄β̄)`` from
+    ``β̄ = ceiling``; ``G/c`` is the previous codes in the new scaling. Returns the list of ``(F, G, loss)``
+    after each iteration.
     """
     X = X.astype(np.float64)
     k = G0.shape[1]
     G = G_hat = G0.astype(np.float64)
-    beta, beta_max, last = beta0, 1.0, np.inf
+    beta, beta_max, last = beta0, ceiling, np.inf
     iterates = []
     for _ in range(n_iter):
         F = X.T @ G_hat @ np.linalg.inv(G_hat.T @ G_hat + ridge * np.eye(k))
@@ -111,7 +113,7 @@ def run_extrapolated(X, G0, n_iter, codes, p=None, beta0=0.5, eta=1.5, gamma=1.1
         rose = loss > last
         step = 0.0 if rose else beta
         G_hat = G_new + step * (G_new - G / c)
-        beta, beta_max = (beta / eta, beta) if rose else (min(beta_max, gamma * beta), min(1.0, gamma_bar * beta_max))
+        beta, beta_max = (beta / eta, beta) if rose else (min(beta_max, gamma * beta), min(ceiling, gamma_bar * beta_max))
         G, last = G_new, loss
         iterates.append((F, G_new, loss))
     return iterates
