@@ -113,7 +113,10 @@ def run_extrapolated(X, G0, n_iter, codes, p=None, beta0=0.5, eta=1.5, gamma=1.1
         rose = loss > last
         step = 0.0 if rose else beta
         G_hat = G_new + step * (G_new - G / c)
-        beta, beta_max = (beta / eta, beta) if rose else (min(beta_max, gamma * beta), min(ceiling, gamma_bar * beta_max))
+        if rose:
+            beta, beta_max = beta / eta, beta
+        else:
+            beta, beta_max = min(beta_max, gamma * beta), min(ceiling, gamma_bar * beta_max)
         G, last = G_new, loss
         iterates.append((F, G_new, loss))
     return iterates

@@ -87,7 +87,8 @@ def test_hals_codes_match_the_numpy_formula(n_sweeps):
     expected = hals_codes_reference(G0, P, Q, n_sweeps)
     got = np.asarray(hals_codes(n_sweeps)(*(jnp.asarray(a, jnp.float32) for a in (G0, P, Q))))
     # float32 sweeps: each coordinate step sums k terms of P and G Q
-    bound = 8 * n_sweeps * EPS32 * (np.abs(P).max() + np.abs(expected).max() * np.abs(Q).sum(axis=0).max()) / Q.diagonal().min()
+    size = np.abs(P).max() + np.abs(expected).max() * np.abs(Q).sum(axis=0).max()
+    bound = 8 * n_sweeps * EPS32 * size / Q.diagonal().min()
     np.testing.assert_allclose(got, expected, rtol=0, atol=bound)
 
 
@@ -107,8 +108,8 @@ def test_extrapolated_statistics_are_the_products_of_the_extrapolated_codes(step
     terms = (1 + step) ** 2 * (np.abs(G).T @ np.abs(G) + 2 * np.abs(G).T @ np.abs(G_prev / scale)
                                + np.abs(G_prev / scale).T @ np.abs(G_prev / scale))
     np.testing.assert_allclose(GtG, G_hat.T @ G_hat, rtol=0, atol=float(8 * EPS32 * terms.max()))
-    np.testing.assert_allclose(XtG, X.T @ G_hat, rtol=0,
-                               atol=float((8 * EPS32 * (1 + step) * np.abs(X).T @ (np.abs(G) + np.abs(G_prev / scale))).max()))
+    XtG_terms = (1 + step) * np.abs(X).T @ (np.abs(G) + np.abs(G_prev / scale))
+    np.testing.assert_allclose(XtG, X.T @ G_hat, rtol=0, atol=float(8 * EPS32 * XtG_terms.max()))
     if step == 0.0:  # no extrapolation is the plain iteration, bit for bit
         np.testing.assert_array_equal(start, np.asarray(f32(G)))
         np.testing.assert_array_equal(GtG, np.asarray(f32(G.T @ G)))

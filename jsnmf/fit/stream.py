@@ -262,7 +262,8 @@ class StreamedFit:
         momentum = None
         if restored.momentum is not None:
             fill(self._previous, restored.momentum["G"][own])
-            momentum = Momentum(**{name: None if name == "G" else self.placement.replicate(np.asarray(value, np.float32))
+            place = lambda value: self.placement.replicate(np.asarray(value, np.float32))  # noqa: E731
+            momentum = Momentum(**{name: None if name == "G" else place(value)
                                    for name, value in restored.momentum.items()})
         self.sq_norms = np.float64(restored.sq_norm_X)
         history = np.asarray(restored.loss_history, np.float32)
