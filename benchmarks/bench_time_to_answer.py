@@ -42,7 +42,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from common import markdown_table, write_section  # noqa: E402
 
-SOLVERS = ("mu", "hals", "apg")
+SOLVERS = ("mu", "hals", "apg", "ehals")
 PAPER_ITERS = 100
 
 
@@ -249,7 +249,8 @@ def main(argv=None) -> None:
     parser.add_argument("--sparsity", type=float, default=0.01)
     parser.add_argument("--noise", type=float, nargs="+", default=[1.0, 0.5])
     parser.add_argument("--mu-iters", type=int, default=400)
-    parser.add_argument("--probe-iters", type=int, default=200, help="most iterations a probe of hals/apg runs")
+    parser.add_argument("--probe-iters", type=int, default=200,
+                        help="most iterations a probe of a solver other than mu runs")
     parser.add_argument("--solvers", default=",".join(SOLVERS))
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--no-paper", action="store_true")

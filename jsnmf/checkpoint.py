@@ -106,6 +106,8 @@ class FitProgress:
     sq_norm_X: float
     loss_history: np.ndarray  # (iteration,)
     row_blocks: np.ndarray | None = None  # (processes, 2): real rows, rows held; None = no padding
+    # An extrapolated solver's momentum (kernels.fit.Momentum's fields by name; "G" in the layout of G)
+    momentum: dict[str, Any] | None = None
 
     def to_tree(self) -> dict[str, Any]:
         best_is_current = self.best_G is None
@@ -128,6 +130,8 @@ class FitProgress:
             "sq_norm_X": np.float32(self.sq_norm_X),
             # orbax cannot store an empty array; a checkpoint always follows at least one iteration.
             "loss_history": np.asarray(self.loss_history, np.float32),
+            **{f"{MOMENTUM}{name}": value if name == "G" else np.asarray(value, np.float32)
+               for name, value in (self.momentum or {}).items()},
         }
 
     @classmethod
@@ -144,7 +148,11 @@ class FitProgress:
             G, best_G, blocks = np.asarray(state.G), np.asarray(state.best_G), None
         else:
             G, best_G, blocks = state.G, state.best_G, row_blocks(layout)
-        return cls(
+        momentum = None
+        if state.momentum is not None:
+            momentum = {name: (leaf if layout is not None else np.asarray(leaf)) if name == "G" else value(leaf)
+                        for name, leaf in state.momentum._asdict().items()}
+        return cls(momentum=momentum,
             G=G, best_G=best_G, XtG=value(state.stats.XtG), GtG=value(state.stats.GtG), PG=value(state.stats.PG),
             best_F=value(state.best_F), best_loss=float(value(state.best_loss)),
             reference_loss=float(value(state.reference_loss)), since_improvement=int(value(state.since_improvement)),
@@ -158,22 +166,26 @@ class FitProgress:
         last = self.loss_history[-1] if len(self.loss_history) else np.float32(0.0)
         return bool(stopped(self.since_improvement, self.iteration, last, patience, max_iter))
 
-    def to_fit_state(self, *, patience: int, max_iter: int, G=None, best_G=None, place=None):
+    def to_fit_state(self, *, patience: int, max_iter: int, G=None, best_G=None, momentum_G=None, place=None):
         """The compiled loop's ``FitState``.
 
-        ``G``, ``best_G``: the codes to use instead of the restored ones (a sharded fit passes its
-        own global arrays); ``place``: puts the other (replicated) arrays where the loop wants them.
+        ``G``, ``best_G``, ``momentum_G``: the codes to use instead of the restored ones (a sharded fit
+        passes its own global arrays); ``place``: puts the other (replicated) arrays where the loop wants them.
         """
         import jax.numpy as jnp
 
-        from jsnmf.kernels.fit import FitState
+        from jsnmf.kernels.fit import FitState, Momentum
         from jsnmf.kernels.steps import Statistics
 
         place = place or jnp.array
         G = jnp.array(self.G) if G is None else G
         if best_G is None:
             best_G = jnp.array(self.G if self.best_G is None else self.best_G)
-        return FitState(
+        momentum = None
+        if self.momentum is not None:
+            momentum = Momentum(**{name: (jnp.array(value) if momentum_G is None else momentum_G) if name == "G"
+                                   else place(np.asarray(value, np.float32)) for name, value in self.momentum.items()})
+        return FitState(momentum=momentum,
             F=place(self.best_F), G=G,
             stats=Statistics(place(self.XtG), place(self.GtG), place(np.asarray(self.PG, np.float32))),
             best_F=place(self.best_F), best_G=best_G,
@@ -198,7 +210,12 @@ class FitProgress:
             iteration=int(np.asarray(tree["iteration"])),
             sq_norm_X=float(np.asarray(tree["sq_norm_X"])),
             loss_history=np.asarray(tree["loss_history"], np.float32).reshape(-1),
+            momentum={name[len(MOMENTUM):]: _real_rows(np.asarray(value), row_blocks) if name == f"{MOMENTUM}G"
+                      else np.asarray(value) for name, value in tree.items() if name.startswith(MOMENTUM)} or None,
         )
+
+
+MOMENTUM = "momentum_"  # the prefix of the momentum's arrays in a checkpoint
 
 
 def row_blocks(layout) -> np.ndarray:
@@ -310,6 +327,9 @@ class FitCheckpointer:
             if tuple(np.shape(getattr(progress, name))) != shape:
                 raise ValueError(f"{self.directory / str(step)}: array {name} has shape "
                                  f"{np.shape(getattr(progress, name))}, expected {shape}")
+        if progress.momentum is not None and np.shape(progress.momentum.get("G")) != (n, k):
+            raise ValueError(f"{self.directory / str(step)}: array {MOMENTUM}G has shape "
+                             f"{np.shape(progress.momentum.get('G'))}, expected {(n, k)}")
         if progress.best_G is not None and progress.best_G.shape != (n, k):
             raise ValueError(f"{self.directory / str(step)}: array best_G has shape {progress.best_G.shape}, "
                              f"expected {(n, k)}")

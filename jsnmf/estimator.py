@@ -44,8 +44,10 @@ class SNMF:
     Parameters
     ----------
     rank: number of features ``k``.
-    solver: ``"mu"`` (the paper's multiplicative update) or ``"hals"`` (block coordinate descent
-        sweeps on the codes; more progress per pass over ``X``).
+    solver: a name in ``SNMF.solvers``: ``"mu"`` (the paper's multiplicative update), ``"hals"`` (block
+        coordinate descent sweeps on the codes; more progress per pass over ``X``), ``"apg"``
+        (accelerated projected gradient) or ``"ehals"`` (``"hals"`` with the codes extrapolated between
+        iterations; the fewest passes over ``X``).
     sparsity: fraction ``p`` of the entries kept in each column of ``F`` (``ceil(p·d_mlp)``, by
         absolute value); ``None`` turns sparsification off.
     init: ``"random"``, ``"svd"``, ``"kmeans"``, or a pair of arrays ``(F0, G0)``.

@@ -19,11 +19,11 @@ def check_matrix_layout(X: Any, name: str = "X") -> None:
         raise ValueError(f"{name} must hold floats (float32, float16 or bfloat16); got dtype {X.dtype}")
 
 
-def validate_matrix(X: Any, name: str = "X") -> np.ndarray | jax.Array:
+def validate_matrix(X: Any, name: str = "X", *, check_finite: bool = True) -> np.ndarray | jax.Array:
     """Check that ``X`` is a finite, non-empty 2-D float matrix; return it as an array.
 
     NumPy and JAX arrays (float64/32/16, bfloat16) are accepted; anything else raises a
-    ``ValueError`` that names the problem.
+    ``ValueError`` that names the problem. ``check_finite=False``: the caller checks the values.
     """
     if not isinstance(X, (np.ndarray, jax.Array)):
         try:
@@ -31,6 +31,8 @@ def validate_matrix(X: Any, name: str = "X") -> np.ndarray | jax.Array:
         except Exception as err:  # ragged lists and the like
             raise ValueError(f"{name} must be a 2-D array of floats; got {type(X).__name__}") from err
     check_matrix_layout(X, name)
+    if not check_finite:
+        return X
     finite = np.isfinite(X).all() if isinstance(X, np.ndarray) else bool(jnp.isfinite(X).all())
     if not finite:
         bad = np.argwhere(~np.isfinite(np.asarray(X, dtype=np.float32)))[0]

@@ -18,13 +18,17 @@ from jax import lax
 
 from jsnmf.kernels.steps import (
     CodesUpdate,
+    Extrapolation,
     Statistics,
     chunk_statistics,
     codes_step,
+    extrapolated_codes,
+    extrapolated_statistics,
     features_step,
     hals_codes,
     loss_from_statistics,
     matmul_f32,
+    next_weights,
 )
 from jsnmf.kernels.solvers import get_solver
 
@@ -41,6 +45,59 @@ class SolverConfig(NamedTuple):
     def codes_update(self) -> CodesUpdate:
         return get_solver(self.solver).build(self)
 
+    def extrapolation(self) -> Extrapolation | None:
+        """The solver's extrapolation rule between iterations, or None (the loop carries no momentum)."""
+        return get_solver(self.solver).extrapolation
+
+
+class Momentum(NamedTuple):
+    """What an extrapolated solver carries between iterations (:class:`~jsnmf.kernels.steps.Extrapolation`).
+
+    With ``G`` the latest codes, the next iteration starts from ``Ĝ = G + step·(G − G_prev/scale)``
+    and computes ``F`` from ``XᵀĜ``, ``ĜᵀĜ`` (:func:`~jsnmf.kernels.steps.extrapolated_statistics`).
+    """
+
+    G: jax.Array  # (n, k) G_prev: the codes of the iterate before the latest, in their own scaling
+    XtG: jax.Array  # (d, k) Xᵀ G_prev
+    GtG: jax.Array  # (k, k) G_prevᵀ G_prev
+    cross: jax.Array  # (k, k) Gᵀ G_prev
+    scale: jax.Array  # (k,) the latest rescale (step 3): G_prev/scale is in the scaling of G
+    step: jax.Array  # () β of the next extrapolation (0 at the start and after a restart)
+    beta: jax.Array  # () β
+    beta_max: jax.Array  # () β̄, the cap of β
+    loss: jax.Array  # () the latest loss (a rise restarts)
+
+
+def initial_momentum(G0: jax.Array | None, stats: Statistics, rule: Extrapolation) -> Momentum:
+    """The momentum before the first iteration: ``G_prev = G0`` and ``step = 0``, so it starts from ``G0``.
+
+    Every leaf is its own buffer (the loop donates its state). ``G0 = None``: the codes live elsewhere
+    (a streamed fit keeps ``G_prev`` in a codes buffer), so ``G`` is None."""
+    k = stats.GtG.shape[-1]
+    scalar = lambda value: jnp.array(value, jnp.float32)  # noqa: E731
+    return Momentum(None if G0 is None else jnp.copy(G0), jnp.copy(stats.XtG), jnp.copy(stats.GtG),
+                    jnp.copy(stats.GtG), jnp.ones((k,), jnp.float32), scalar(0.0), scalar(rule.beta0),
+                    scalar(rule.ceiling), scalar(jnp.inf))
+
+
+def extrapolated_features(stats: Statistics, momentum: Momentum, config: SolverConfig):
+    """Steps 1–3 from the statistics of the extrapolated codes: ``(F, scale, inv_prev_scale)``.
+
+    ``inv_prev_scale`` (``1/momentum.scale``) brings ``G_prev`` into the scaling of the latest codes
+    (:func:`~jsnmf.kernels.steps.extrapolated_codes`)."""
+    inv_prev_scale = 1.0 / momentum.scale
+    XtG, GtG = extrapolated_statistics(stats.XtG, stats.GtG, momentum.XtG, momentum.GtG, momentum.cross,
+                                       inv_prev_scale, momentum.step)
+    F, scale = features_step(XtG, GtG, ridge=config.ridge, n_keep=config.n_keep)
+    return F, scale, inv_prev_scale
+
+
+def advanced_momentum(momentum: Momentum, G_prev, stats: Statistics, cross, scale, loss, rule: Extrapolation):
+    """The momentum after an iteration that started from codes ``G_prev`` (statistics ``stats``),
+    rescaled them by ``scale``, and reached ``loss`` with new codes ``G`` (``cross = Gᵀ G_prev``)."""
+    weights = next_weights(rule, loss, momentum.loss, momentum.beta, momentum.beta_max)
+    return Momentum(G_prev, stats.XtG, stats.GtG, cross, scale, *weights, loss)
+
 
 class FitState(NamedTuple):
     """Everything the loop carries; a pytree, so it can be checkpointed as is."""
@@ -55,36 +112,51 @@ class FitState(NamedTuple):
     since_improvement: jax.Array  # () iterations since that improvement
     iteration: jax.Array  # () iterations done
     done: jax.Array  # () bool: the stopping rule fired
+    momentum: Momentum | None = None  # extrapolated solvers only (None: no leaves)
 
 
-def initial_state(X: jax.Array, F0: jax.Array, G0: jax.Array, axis_name: str | None = None) -> FitState:
+def initial_state(X: jax.Array, F0: jax.Array, G0: jax.Array, axis_name: str | None = None,
+                  extrapolation: Extrapolation | None = None) -> FitState:
     """The state before the first iteration: statistics of ``G0`` (one pass over ``X``).
 
     ``axis_name``: when ``X`` and ``G0`` are one device's rows inside ``shard_map``, the mesh axis
-    the statistics are summed over (``psum``).
+    the statistics are summed over (``psum``). ``extrapolation``: the solver's rule
+    (``SolverConfig.extrapolation()``), which adds the :class:`Momentum`.
     """
     stats = chunk_statistics(X, G0)
     if axis_name is not None:
         stats = lax.psum(stats, axis_name)
     inf = lambda: jnp.array(jnp.inf, jnp.float32)  # noqa: E731
     zero = lambda: jnp.array(0, jnp.int32)  # noqa: E731
+    momentum = None if extrapolation is None else initial_momentum(G0, stats, extrapolation)
     # Every leaf is its own buffer: the loop donates its state, and one buffer cannot be donated twice.
-    return FitState(F0, G0, stats, jnp.copy(F0), jnp.copy(G0), inf(), inf(), zero(), zero(), jnp.array(False))
+    return FitState(F0, G0, stats, jnp.copy(F0), jnp.copy(G0), inf(), inf(), zero(), zero(), jnp.array(False),
+                    momentum)
 
 
 def iterate(X: jax.Array, G: jax.Array, stats: Statistics, sq_norm_X: jax.Array, config: SolverConfig,
-            axis_name: str | None = None):
-    """One full iteration (docs/architecture.md, steps 1–5) in memory; returns ``(F, G, stats, loss)``.
+            axis_name: str | None = None, momentum: Momentum | None = None):
+    """One full iteration (docs/architecture.md, steps 1–5) in memory; returns ``(F, G, stats, loss, momentum)``.
 
     ``axis_name``: inside ``shard_map``, the mesh axis whose devices hold the other rows; the
-    statistics of the codes pass are summed over it, everything else is replicated.
+    statistics of the codes pass are summed over it, everything else is replicated. ``momentum``: an
+    extrapolated solver's (:class:`Momentum`): the iteration starts from the extrapolated codes.
     """
-    F, scale = features_step(stats.XtG, stats.GtG, ridge=config.ridge, n_keep=config.n_keep)
+    if momentum is None:
+        F, scale = features_step(stats.XtG, stats.GtG, ridge=config.ridge, n_keep=config.n_keep)
+        start = G
+    else:
+        F, scale, inv_prev_scale = extrapolated_features(stats, momentum, config)
+        start = extrapolated_codes(G, momentum.G, inv_prev_scale, momentum.step)
     Q = F.T @ F
-    G, stats = codes_step(X, G, F, Q, scale, config.codes_update())
+    G_new, stats_new = codes_step(X, start, F, Q, scale, config.codes_update())
+    cross = None if momentum is None else G_new.T @ G
     if axis_name is not None:
-        stats = lax.psum(stats, axis_name)
-    return F, G, stats, loss_from_statistics(sq_norm_X, stats, Q)
+        stats_new, cross = lax.psum((stats_new, cross), axis_name)
+    loss = loss_from_statistics(sq_norm_X, stats_new, Q)
+    if momentum is not None:
+        momentum = advanced_momentum(momentum, G, stats, cross, scale, loss, config.extrapolation())
+    return F, G_new, stats_new, loss, momentum
 
 
 def stopped(since_improvement, iteration, loss, patience, max_iter):
@@ -109,7 +181,7 @@ def stopping_update(best_loss, reference_loss, since_improvement, iteration, los
             stopped(since, iteration, loss, patience, max_iter))
 
 
-def advance(state: FitState, F, G, stats, loss, *, sq_norm_X, tol, patience, max_iter) -> FitState:
+def advance(state: FitState, F, G, stats, loss, *, sq_norm_X, tol, patience, max_iter, momentum=None) -> FitState:
     """Book-keeping after an iteration: best iterate, patience clock, stopping rule."""
     better, best_loss, reference_loss, since, iteration, done = stopping_update(
         state.best_loss, state.reference_loss, state.since_improvement, state.iteration, loss,
@@ -125,6 +197,7 @@ def advance(state: FitState, F, G, stats, loss, *, sq_norm_X, tol, patience, max
         since_improvement=since,
         iteration=iteration,
         done=done,
+        momentum=momentum,
     )
 
 
@@ -159,10 +232,10 @@ def run_block(
 
     def body(carry):
         state, history, i = carry
-        F, G, stats, loss = iterate(X, state.G, state.stats, sq_norm_X, config, axis_name)
+        F, G, stats, loss, momentum = iterate(X, state.G, state.stats, sq_norm_X, config, axis_name, state.momentum)
         state = advance(
-            state, F, G, stats, loss, sq_norm_X=sq_norm_X, tol=tol, patience=patience, max_iter=max_iter
-        )
+            state, F, G, stats, loss, sq_norm_X=sq_norm_X, tol=tol, patience=patience, max_iter=max_iter,
+            momentum=momentum)
         return state, history.at[i].set(loss), i + 1
 
     state, history, _ = lax.while_loop(cond, body, (state, history, jnp.array(0, jnp.int32)))

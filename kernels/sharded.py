@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
-from jsnmf.kernels.fit import FitState, SolverConfig, initial_state, run_block, solve_codes
+from jsnmf.kernels.fit import FitState, Momentum, SolverConfig, initial_state, run_block, solve_codes
 from jsnmf.kernels.steps import Statistics, matmul_f32
 
 DATA = "data"  # the mesh axis tokens are split over
@@ -46,21 +46,25 @@ def row_spec(batched: bool = False) -> PartitionSpec:
     return PartitionSpec(None, DATA, None) if batched else PartitionSpec(DATA, None)
 
 
-def state_specs(batched: bool = False) -> FitState:
-    """Where each leaf of :class:`FitState` lives: codes by rows, everything else replicated."""
+def state_specs(batched: bool = False, momentum: bool = False) -> FitState:
+    """Where each leaf of :class:`FitState` lives: codes by rows, everything else replicated.
+
+    ``momentum``: the state of an extrapolated solver (its previous codes by rows too)."""
     rows, rep = row_spec(batched), PartitionSpec()
+    carried = Momentum(rows, *[rep] * (len(Momentum._fields) - 1)) if momentum else None
     return FitState(F=rep, G=rows, stats=Statistics(rep, rep, rep), best_F=rep, best_G=rows, best_loss=rep,
-                    reference_loss=rep, since_improvement=rep, iteration=rep, done=rep)
+                    reference_loss=rep, since_improvement=rep, iteration=rep, done=rep, momentum=carried)
 
 
 @lru_cache(maxsize=64)
-def state_initializer(mesh: Mesh, batched: bool = False):
+def state_initializer(mesh: Mesh, batched: bool = False, extrapolation=None):
     """Compiled ``(X, F0, G0) -> FitState`` with the statistics of ``G0`` summed over the mesh."""
     rows, rep = row_spec(batched), PartitionSpec()
-    body = partial(initial_state, axis_name=DATA)
+    body = partial(initial_state, axis_name=DATA, extrapolation=extrapolation)
     if batched:
         body = jax.vmap(body)
-    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(rows, rep, rows), out_specs=state_specs(batched)))
+    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(rows, rep, rows),
+                                 out_specs=state_specs(batched, extrapolation is not None)))
 
 
 @lru_cache(maxsize=64)
@@ -80,8 +84,9 @@ def block_runner(mesh: Mesh, config: SolverConfig, block_size: int, batched: boo
 
     if batched:
         block = jax.vmap(block, in_axes=(0, 0, 0, None, None, None, None))
-    sharded = jax.shard_map(block, mesh=mesh, in_specs=(rows, rep, state_specs(batched), rep, rep, rep, rep),
-                            out_specs=(state_specs(batched), rep))
+    specs = state_specs(batched, config.extrapolation() is not None)
+    sharded = jax.shard_map(block, mesh=mesh, in_specs=(rows, rep, specs, rep, rep, rep, rep),
+                            out_specs=(specs, rep))
     return jax.jit(sharded, donate_argnums=(2,))
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-CASES = [("mu", None), ("mu", 0.2), ("hals", None), ("hals", 0.2)]
+CASES = [("mu", None), ("mu", 0.2), ("hals", None), ("hals", 0.2), ("ehals", 0.2)]
 SETTINGS = dict(max_iter=15, patience=1000, tol=0.0)
 RANK = 5
 
@@ -73,12 +73,19 @@ def run_sharded(data, out):
                                                                           resume=True)
     results["resumed_features"], results["resumed_codes"] = model.features_, model.codes_
     results["resumed_loss"] = model.loss_history_
+    # The same with an extrapolated solver: its momentum (previous codes by rows) moves meshes too.
+    ehals_dir = Path(out).parent / "sharded_checkpoint_ehals"
+    jsnmf.SNMF(RANK, solver="ehals", sparsity=0.2, **first).fit(X, mesh=meshes["4"], checkpoint_dir=ehals_dir,
+                                                                checkpoint_every=5)
+    model = jsnmf.SNMF(RANK, solver="ehals", sparsity=0.2, **SETTINGS).fit(X, checkpoint_dir=ehals_dir, resume=True)
+    results["resumed_ehals_features"], results["resumed_ehals_codes"] = model.features_, model.codes_
+    results["resumed_ehals_loss"] = model.loss_history_
     # Streamed (chunks of 64 rows, each split over the devices) on 4 and on all 8 devices.
     for mesh_name in ("4", "8"):
-        for init in ("random", "kmeans"):
-            model = jsnmf.SNMF(RANK, solver="hals", sparsity=0.2, init=init, **SETTINGS).fit(
+        for init, solver in (("random", "hals"), ("kmeans", "hals"), ("random", "ehals")):
+            model = jsnmf.SNMF(RANK, solver=solver, sparsity=0.2, init=init, **SETTINGS).fit(
                 X, mesh=meshes[mesh_name], chunk_tokens=64)
-            key = f"streamed_{mesh_name}_{init}"
+            key = f"streamed_{mesh_name}_{init}" + ("" if solver == "hals" else f"_{solver}")
             results[f"{key}_features"], results[f"{key}_codes"] = model.features_, model.codes_
             results[f"{key}_loss"] = model.loss_history_
     # A mesh without a 'data' axis is refused.

@@ -76,6 +76,52 @@ def apg_codes_reference(G, P, Q, n_steps):
     return G
 
 
+def hals_codes_reference(G, P, Q, n_sweeps):
+    """HALS sweeps from the formula: column by column ``G[:, j] ← max(0, G[:, j] + (P − G Q)[:, j] / Q[j, j])``
+    (``G[:, j] = 0`` when ``Q[j, j] = 0``)."""
+    G, P, Q = (np.array(a, np.float64) for a in (G, P, Q))
+    for _ in range(n_sweeps):
+        for j in range(G.shape[1]):
+            G[:, j] = np.maximum(G[:, j] + (P[:, j] - G @ Q[:, j]) / Q[j, j], 0.0) if Q[j, j] > 0 else 0.0
+    return G
+
+
+def run_extrapolated(X, G0, n_iter, codes, p=None, beta0=0.5, eta=1.5, gamma=1.1, gamma_bar=1.05, ceiling=1.0,
+                     ridge=1e-6):
+    """The five steps with the codes extrapolated between iterations (Ang & Gillis 2019), from the formulas.
+
+    Each iteration computes ``F`` from the extrapolated codes ``Ĝ`` (formed explicitly here, and its
+    products taken directly), rescales by the column norms of ``Ĝ``, and updates the codes with
+    ``codes(G, P, Q)`` from ``max(0, Ĝ)``. Then ``Ĝ = G_new + β·(G_new − G/c)`` with ``β = 0`` when the loss
+    rose (restart: ``β ← β/η``, ``β̄ ← β``), else ``β ← min(β̄, γβ)``, ``β̄ ← min(ceiling, γ̄β̄)`` from
+    ``β̄ = ceiling``; ``G/c`` is the previous codes in the new scaling. Returns the list of ``(F, G, loss)``
+    after each iteration.
+    """
+    X = X.astype(np.float64)
+    k = G0.shape[1]
+    G = G_hat = G0.astype(np.float64)
+    beta, beta_max, last = beta0, ceiling, np.inf
+    iterates = []
+    for _ in range(n_iter):
+        F = X.T @ G_hat @ np.linalg.inv(G_hat.T @ G_hat + ridge * np.eye(k))
+        if p is not None:
+            F = sparsify(F, p)
+        c = np.maximum(np.linalg.norm(G_hat, axis=0), 1e-8)
+        F = F * c
+        G_new = codes(np.maximum(G_hat, 0.0) / c, X @ F, F.T @ F)
+        loss = np.sum((X - G_new @ F.T) ** 2)
+        rose = loss > last
+        step = 0.0 if rose else beta
+        G_hat = G_new + step * (G_new - G / c)
+        if rose:
+            beta, beta_max = beta / eta, beta
+        else:
+            beta, beta_max = min(beta_max, gamma * beta), min(ceiling, gamma_bar * beta_max)
+        G, last = G_new, loss
+        iterates.append((F, G_new, loss))
+    return iterates
+
+
 def matched_cosines(F_true, F_found):
     """Cosine of each true column with its Hungarian-matched found column."""
     from scipy.optimize import linear_sum_assignment

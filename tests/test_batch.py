@@ -23,7 +23,7 @@ def layers():
     }
 
 
-@pytest.mark.parametrize("solver, sparsity", [("mu", 0.2), ("hals", None)])
+@pytest.mark.parametrize("solver, sparsity", [("mu", 0.2), ("hals", None), ("ehals", 0.2)])
 def test_layers_together_equal_separate_fits(layers, solver, sparsity):
     settings = dict(solver=solver, sparsity=sparsity, max_iter=120, tol=1e-4, patience=4, seed=3)
     together = fit_layers(layers, 4, **settings)

@@ -58,18 +58,19 @@ def one_device_mesh():
     return Mesh(np.array(jax.devices()[:1]), ("data",))
 
 
+@pytest.mark.parametrize("solver", ["mu", "ehals"])  # ehals: a loop that carries a momentum too
 @pytest.mark.parametrize("where", ["memory", "mesh", "streamed", "batched", "checkpointed", "streamed_checkpointed"])
-def test_other_limits_and_cadence_compile_nothing(where, tmp_path):
+def test_other_limits_and_cadence_compile_nothing(where, solver, tmp_path):
     X = data()
 
     def fit(limits, every, run):
         if where == "batched":
-            return jsnmf.fit_layers({0: X, 1: 2.0 * X}, 4, seed=0, progress=False, **limits)
+            return jsnmf.fit_layers({0: X, 1: 2.0 * X}, 4, solver=solver, seed=0, progress=False, **limits)
         runtime = {"memory": {}, "mesh": dict(mesh=one_device_mesh()), "streamed": dict(chunk_tokens=128),
                    "checkpointed": dict(checkpoint_dir=tmp_path / f"ck{run}", checkpoint_every=every),
                    "streamed_checkpointed": dict(chunk_tokens=128, checkpoint_dir=tmp_path / f"ck{run}",
                                                  checkpoint_every=every)}[where]
-        return SNMF(4, seed=0, **limits).fit(X, progress=False, **runtime)
+        return SNMF(4, solver=solver, seed=0, **limits).fit(X, progress=False, **runtime)
 
     fit(LIMITS[0], EVERY[0], 0)  # compiles everything this shape needs
     with compilations() as seen:

@@ -53,6 +53,8 @@ def sharded_run(tmp_path_factory):
         for init in ("random", "kmeans"):
             references[f"streamed_{init}"] = rounding_tolerances(
                 lambda: SNMF(RANK, solver="hals", sparsity=0.2, init=init, **SETTINGS), X, chunk_tokens=64)
+        references["streamed_random_ehals"] = rounding_tolerances(
+            lambda: SNMF(RANK, solver="ehals", sparsity=0.2, **SETTINGS), X, chunk_tokens=64)
         worker.finish_workers([process], [log], timeout=480)
     finally:
         worker.kill_workers([process])
@@ -116,10 +118,19 @@ def test_sharded_checkpoint_resumes_on_another_mesh_and_on_one_device(sharded_ru
     longer_tolerances.check(at_once, moved.features_, moved.codes_, moved.loss_history_)
 
 
+def test_sharded_checkpoint_of_an_extrapolated_solver_resumes_on_another_mesh(sharded_run):
+    """ehals: 10 iterations on 4 devices, checkpointed with its momentum; resumed to 15 on 8."""
+    _, _, references, results, _ = sharded_run
+    reference, tolerances = references["ehals_sparse"]
+    tolerances.check(reference, results["resumed_ehals_features"], results["resumed_ehals_codes"],
+                     results["resumed_ehals_loss"])
+
+
 @pytest.mark.parametrize("mesh", ["4", "8"])
-@pytest.mark.parametrize("init", ["random", "kmeans"])
+@pytest.mark.parametrize("init", ["random", "kmeans", "random_ehals"])
 def test_streamed_fit_over_a_mesh_equals_single_device(sharded_run, mesh, init):
-    """Chunks of 64 rows (the last 45), each split over the mesh: the single-device streamed fit."""
+    """Chunks of 64 rows (the last 45), each split over the mesh: the single-device streamed fit
+    (``random_ehals``: the extrapolated solver, its previous codes read beside the codes)."""
     _, _, references, results, _ = sharded_run
     key = f"streamed_{mesh}_{init}"
     reference, tolerances = references[f"streamed_{init}"]

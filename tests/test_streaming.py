@@ -68,12 +68,13 @@ def test_chunk_step_compiles_once_with_a_short_last_chunk(data):
     assert store.chunk_bounds[-1] == (896, 1000)  # the short chunk was padded, not compiled apart
 
 
-def test_codes_on_disk_and_memmap_input(data, tmp_path):
+@pytest.mark.parametrize("solver", ["hals", "ehals"])  # ehals keeps a fourth codes file, the previous codes
+def test_codes_on_disk_and_memmap_input(data, tmp_path, solver):
     X, _, _, _ = data
     np.save(tmp_path / "X.npy", X)
     X_map = np.load(tmp_path / "X.npy", mmap_mode="r")
-    memory = SNMF(K, solver="hals", **SETTINGS).fit(X)
-    streamed = SNMF(K, solver="hals", **SETTINGS).fit(X_map, codes_on_disk=tmp_path / "codes", chunk_tokens=300)
+    memory = SNMF(K, solver=solver, **SETTINGS).fit(X)
+    streamed = SNMF(K, solver=solver, **SETTINGS).fit(X_map, codes_on_disk=tmp_path / "codes", chunk_tokens=300)
     assert isinstance(streamed.codes_, np.memmap)
     assert sorted(p.name for p in (tmp_path / "codes").iterdir()) == ["codes.npy"]
     np.testing.assert_array_equal(np.load(tmp_path / "codes" / "codes.npy"), streamed.codes_)

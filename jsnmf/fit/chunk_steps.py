@@ -13,9 +13,10 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from jsnmf.kernels.fit import SolverConfig
+from jsnmf.kernels.fit import SolverConfig, advanced_momentum, extrapolated_features
 from jsnmf.kernels.init import random_codes
-from jsnmf.kernels.steps import chunk_statistics, codes_step, features_step, loss_from_statistics
+from jsnmf.kernels.steps import (chunk_statistics, codes_step, extrapolated_codes, features_step,
+                                 loss_from_statistics)
 
 
 def valid_rows(chunk_rows: int, valid: jax.Array) -> jax.Array:
@@ -48,6 +49,32 @@ def codes_chunk(X_raw, G, F, Q, scale, acc, *, config: SolverConfig, dtype):
     """One chunk of the codes pass: new codes for its rows, and its statistics added to ``acc``."""
     G, stats = codes_step(X_raw.astype(dtype), G, F, Q, scale, config.codes_update())
     return G, acc + stats
+
+
+@partial(jax.jit, static_argnames=("config",))
+def momentum_features(stats, momentum, *, config: SolverConfig):
+    """An extrapolated solver's ``F`` (from the extrapolated statistics), ``scale``, ``Q`` and ``1/momentum.scale``."""
+    F, scale, inv_prev_scale = extrapolated_features(stats, momentum, config)
+    return F, scale, F.T @ F, inv_prev_scale
+
+
+@partial(jax.jit, static_argnames=("config", "dtype"), donate_argnames=("acc",))
+def momentum_codes_chunk(X_raw, G_pair, F, Q, scale, inv_prev_scale, step, acc, *, config: SolverConfig, dtype):
+    """One chunk of an extrapolated solver's codes pass. ``G_pair`` is the chunk's latest codes and its
+    previous codes side by side (chunk_rows × 2k); the pass starts from their extrapolation and adds
+    the chunk's statistics and ``cross = G_newᵀ G`` to ``acc = (statistics, cross)``."""
+    k = F.shape[1]
+    G, G_prev = G_pair[:, :k], G_pair[:, k:]
+    start = extrapolated_codes(G, G_prev, inv_prev_scale, step)
+    G_new, stats = codes_step(X_raw.astype(dtype), start, F, Q, scale, config.codes_update())
+    total, cross = acc
+    return G_new, (total + stats, cross + G_new.T @ G)
+
+
+@partial(jax.jit, static_argnames=("config",))
+def momentum_after(momentum, stats, cross, scale, loss, *, config: SolverConfig):
+    """The momentum after a pass (its ``G`` stays None: the streamed fit keeps it in a codes buffer)."""
+    return advanced_momentum(momentum, None, stats, cross, scale, loss, config.extrapolation())
 
 
 @jax.jit

@@ -29,8 +29,8 @@ from jsnmf.kernels.init import (CODES_FLOOR, KMEANS_ITERS, SVD_OVERSAMPLE, SVD_P
                                 sign_masses, svd_codes)
 from jsnmf.validation import validate_matrix
 
-__all__ = ["INITIALIZERS", "ArrayRows", "Rows", "Start", "check_initial_pair", "initial_factors",
-           "sharded_initial_factors"]
+__all__ = ["INITIALIZERS", "TRACEABLE", "ArrayRows", "Rows", "Start", "check_initial_pair", "initial_factors",
+           "sharded_initial_factors", "start_factors"]
 
 
 class Rows(Protocol):
@@ -66,7 +66,7 @@ class Start(NamedTuple):
 def random_start(key, rows: Rows, k: int) -> Start:
     """The paper's random start: ``G ~ U[0, 1)`` floored at 1e-6, ``F ~ N(0, 1)``."""
     key_F, key_G = random_keys(key)
-    F0 = rows.replicate(np.asarray(jax.random.normal(key_F, (rows.d, k), jnp.float32)))
+    F0 = rows.replicate(jax.random.normal(key_F, (rows.d, k), jnp.float32))
     return Start(F0, lambda chunk: rows.random_codes(key_G, chunk, k))
 
 
@@ -129,6 +129,11 @@ def svd_start(key, rows: Rows, k: int) -> Start:
 INITIALIZERS: dict[str, Callable[[Any, Rows, int], Start]] = {
     "random": random_start, "svd": svd_start, "kmeans": kmeans_start}
 
+# Starts that are one computation on the array (no host-synchronized passes), so an in-memory fit can
+# compile the start and the statistics of G0 as one executable (jsnmf.fit.arrays.started_state)
+# instead of some twenty small ones.
+TRACEABLE = frozenset({"random"})
+
 
 # -- the rows of an array backend: one chunk ------------------------------------------------------
 
@@ -165,7 +170,7 @@ class ArrayRows:
 
     def replicate(self, value) -> jax.Array:
         if self.sharded is None:
-            return jnp.asarray(value)
+            return jnp.asarray(value)  # traceable: see TRACEABLE
         from jsnmf.distributed import replicate
 
         return replicate(np.asarray(value), self.sharded.layout.mesh)
@@ -184,7 +189,7 @@ def initial_factors(init, seed: int, X: jax.Array, k: int) -> tuple[jax.Array, j
     """``(F0, G0)`` for ``X`` on one device: a named start, or the given arrays checked."""
     n, d = X.shape
     if isinstance(init, str):
-        return _run_start(init, seed, ArrayRows(X), k)
+        return start_factors(init, jax.random.key(seed), ArrayRows(X), k)
     F0, G0 = (validate_matrix(a, name) for a, name in zip(init, ("init F0", "init G0")))
     check_initial_pair((F0, G0), d, k, n)
     check_non_negative(G0)
@@ -197,7 +202,7 @@ def sharded_initial_factors(init, seed: int, rows, k: int) -> tuple[jax.Array, j
     from jsnmf.distributed import replicate
 
     if isinstance(init, str):
-        return _run_start(init, seed, ArrayRows(rows.array, sharded=rows), k)
+        return start_factors(init, jax.random.key(seed), ArrayRows(rows.array, sharded=rows), k)
     layout = rows.layout
     F0, G0 = (validate_matrix(a, name) for a, name in zip(init, ("init F0", "init G0")))
     check_initial_pair((F0, G0), rows.n_columns, k, layout.local_rows, own_rows=True)
@@ -205,8 +210,9 @@ def sharded_initial_factors(init, seed: int, rows, k: int) -> tuple[jax.Array, j
     return replicate(np.asarray(F0, np.float32), layout.mesh), layout.assemble(np.asarray(G0, np.float32))
 
 
-def _run_start(init: str, seed: int, rows: ArrayRows, k: int) -> tuple[jax.Array, jax.Array]:
-    start = INITIALIZERS[init](jax.random.key(seed), rows, k)
+def start_factors(init: str, key, rows: ArrayRows, k: int) -> tuple[jax.Array, jax.Array]:
+    """``(F0, G0)`` of the named start on array rows (traceable for the starts in :data:`TRACEABLE`)."""
+    start = INITIALIZERS[init](key, rows, k)
     return start.features, start.codes(rows.whole)
 
 

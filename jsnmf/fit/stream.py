@@ -56,7 +56,7 @@ from jsnmf.io.codes import DiskCodes, MemoryCodes, fill, process_suffix
 from jsnmf.io.hostbuffers import BufferPool
 from jsnmf.io.prefetch import Chunk, Placement, stream_chunks
 from jsnmf.io.sources import StreamPlan
-from jsnmf.kernels.fit import SolverConfig, stopping_update
+from jsnmf.kernels.fit import Momentum, SolverConfig, initial_momentum, stopping_update
 from jsnmf.fit.starts import INITIALIZERS
 from jsnmf.kernels.steps import Statistics
 
@@ -102,6 +102,10 @@ class StreamedFit:
         self.tokens_per_second = float("nan")
         self.sq_norms = np.float64(np.nan)
         self._codes_buffers = BufferPool((plan.chunk_rows, self.k), np.float32)
+        # An extrapolated solver reads each chunk's latest and previous codes side by side.
+        self.extrapolation = config.extrapolation()
+        self._pair_buffers = BufferPool((plan.chunk_rows, 2 * self.k), np.float32)
+        self._previous = None  # the previous codes' buffer (extrapolated solvers)
         self._compiled: set[str] = set()
         self._status: Callable[[str], None] = lambda text: None
         self._buffers: list = []
@@ -139,6 +143,21 @@ class StreamedFit:
             out[stop - start:] = 0
             if copy_to is not None:
                 copy_to.write(start, out[: stop - start])
+            return out
+
+        return read
+
+    def _read_pair(self, buffer, previous, copy_to=None):
+        """Reader of a chunk's latest and previous codes side by side (chunk_rows × 2k, zero-padded)."""
+        latest = self._read_codes(buffer, copy_to)
+
+        def read(start: int, stop: int) -> np.ndarray:
+            out = self._pair_buffers.take()
+            scratch = latest(start, stop)  # a pooled buffer JAX never sees: reused for the previous codes
+            out[:, : self.k] = scratch
+            previous.read_into(start, stop, scratch)
+            scratch[stop - start:] = 0
+            out[:, self.k:] = scratch
             return out
 
         return read
@@ -214,7 +233,12 @@ class StreamedFit:
 
     def _open_buffers(self):
         self._buffers = [self._buffer("codes_current"), self._buffer("codes_next"), self._buffer("codes_best")]
+        if self.extrapolation is not None:
+            self._previous = self._buffer("codes_previous")
         return self._buffers
+
+    def _all_buffers(self) -> list:
+        return self._buffers + ([self._previous] if self._previous is not None else [])
 
     def start(self, status) -> StreamState:
         """The initializer's pass: ``G0`` chunk by chunk, its statistics and ``‖X‖²``."""
@@ -222,7 +246,12 @@ class StreamedFit:
         current, _, _ = self._open_buffers()
         stats, sq_norm_X = self.initialize(current)
         self.sq_norms = np.float64(sq_norm_X)
-        return StreamState(stats=stats, sq_norm_X=sq_norm_X, best_F=np.zeros((self.d, self.k), np.float32))
+        momentum = None
+        if self.extrapolation is not None:  # G_prev = G0, step 0: the first pass starts from G0
+            fill(self._previous, current.full())
+            momentum = initial_momentum(None, stats, self.extrapolation)
+        return StreamState(stats=stats, sq_norm_X=sq_norm_X, best_F=np.zeros((self.d, self.k), np.float32),
+                           momentum=momentum)
 
     def restore(self, restored) -> StreamState:
         current, _, best = self._open_buffers()
@@ -230,9 +259,15 @@ class StreamedFit:
         fill(current, restored.G[own])
         if restored.best_G is not None:
             fill(best, restored.best_G[own])
+        momentum = None
+        if restored.momentum is not None:
+            fill(self._previous, restored.momentum["G"][own])
+            place = lambda value: self.placement.replicate(np.asarray(value, np.float32))  # noqa: E731
+            momentum = Momentum(**{name: None if name == "G" else place(value)
+                                   for name, value in restored.momentum.items()})
         self.sq_norms = np.float64(restored.sq_norm_X)
         history = np.asarray(restored.loss_history, np.float32)
-        return StreamState(
+        return StreamState(momentum=momentum,
             stats=Statistics(*(self.placement.replicate(a) for a in (restored.XtG, restored.GtG, restored.PG))),
             sq_norm_X=restored.sq_norm_X, best_F=restored.best_F, best_is_current=restored.best_G is None,
             best_loss=np.float32(restored.best_loss), reference_loss=np.float32(restored.reference_loss),
@@ -253,18 +288,31 @@ class StreamedFit:
         current, following, best = self._buffers
         started = time.perf_counter()
         sq_device = self.placement.replicate(np.float32(state.sq_norm_X))
-        F, scale, Q = steps.features(state.stats.XtG, state.stats.GtG, config=self.config)
-        acc = self._zero_statistics()
-        reader = self._read_codes(current, copy_to=best if state.best_is_current else None)
+        momentum = state.momentum
+        copy_to = best if state.best_is_current else None
+        if momentum is None:
+            F, scale, Q = steps.features(state.stats.XtG, state.stats.GtG, config=self.config)
+            acc, reader = self._zero_statistics(), self._read_codes(current, copy_to)
+        else:
+            F, scale, Q, inv_prev_scale = steps.momentum_features(state.stats, momentum, config=self.config)
+            acc = (self._zero_statistics(), self.placement.replicate(np.zeros((self.k, self.k), np.float32)))
+            reader = self._read_pair(current, self._previous, copy_to)
         written = None  # the previous chunk's new codes, written while this chunk computes
-        for c in self.chunks("iterate", reader):
-            G, acc = steps.codes_chunk(c.X, c.G, F, Q, scale, acc, config=self.config, dtype=self.dtype)
+        for c in self.chunks("iterate" if momentum is None else "iterate extrapolated", reader):
+            if momentum is None:
+                G, acc = steps.codes_chunk(c.X, c.G, F, Q, scale, acc, config=self.config, dtype=self.dtype)
+            else:
+                G, acc = steps.momentum_codes_chunk(c.X, c.G, F, Q, scale, inv_prev_scale, momentum.step, acc,
+                                                    config=self.config, dtype=self.dtype)
             if written is not None:
                 _write_back(following, *written)
             jax.block_until_ready(acc)  # done with this chunk of X (see stream_chunks)
             written = (c.start, c.stop, self.placement.local(G))
         _write_back(following, *written)
-        loss = np.float32(replicated_value(steps.loss(sq_device, acc, Q)))
+        if momentum is not None:
+            acc, cross = acc
+        loss_device = steps.loss(sq_device, acc, Q)
+        loss = np.float32(replicated_value(loss_device))
         self.tokens_per_second = self.n / (time.perf_counter() - started)
         better, best_loss, reference_loss, since, iteration, done = _stopping(
             state.best_loss, state.reference_loss, np.int32(state.since_improvement), np.int32(state.iteration),
@@ -277,7 +325,11 @@ class StreamedFit:
         state.best_is_current = better
         state.best_loss, state.reference_loss = np.float32(best_loss), np.float32(reference_loss)
         state.since_improvement, state.iteration, state.done = int(since), int(iteration), bool(done)
-        self._buffers = [following, current, best]
+        if momentum is None:
+            self._buffers = [following, current, best]
+        else:  # the latest codes become the previous ones; the old previous buffer is written next
+            state.momentum = steps.momentum_after(momentum, state.stats, cross, scale, loss_device, config=self.config)
+            self._buffers, self._previous = [following, self._previous, best], current
         state.stats = acc
         return state, np.array([loss], np.float32)
 
@@ -289,18 +341,24 @@ class StreamedFit:
 
         current, _, best = self._buffers
         G, best_G, blocks = current.full(), None if state.best_is_current else best.full(), None
+        previous = None if state.momentum is None else self._previous.full()
         if jax.process_count() > 1:
             layout = RowLayout.build(self.placement.mesh, self.row_counts)
             G = layout.assemble(np.asarray(G))
             best_G = None if best_G is None else layout.assemble(np.asarray(best_G))
+            previous = None if previous is None else layout.assemble(np.asarray(previous))
             blocks = row_blocks(layout)
         stats = state.stats
+        momentum = None
+        if state.momentum is not None:
+            momentum = {name: previous if name == "G" else replicated_value(value)
+                        for name, value in state.momentum._asdict().items()}
         return FitProgress(
             G=G, best_G=best_G, XtG=replicated_value(stats.XtG), GtG=replicated_value(stats.GtG),
             PG=replicated_value(stats.PG), best_F=np.asarray(state.best_F), best_loss=float(state.best_loss),
             reference_loss=float(state.reference_loss), since_improvement=state.since_improvement,
             iteration=state.iteration, sq_norm_X=state.sq_norm_X, loss_history=np.asarray(losses, np.float32),
-            row_blocks=blocks)
+            row_blocks=blocks, momentum=momentum)
 
     def results(self, state: StreamState, history: np.ndarray, seconds: float) -> list[FitResult]:
         return [FitResult(features=np.asarray(state.best_F), codes=self.best_codes(state),
@@ -317,13 +375,13 @@ class StreamedFit:
         self.close()
         final = self.work_dir / f"codes{process_suffix()}.npy"
         os.replace(winner.path, final)
-        for buffer in (current, following, best):
+        for buffer in self._all_buffers():
             if buffer is not winner and buffer.path.exists():
                 buffer.path.unlink()
         return np.load(final, mmap_mode="r")
 
     def close(self) -> None:
-        for buffer in self._buffers:
+        for buffer in self._all_buffers():
             buffer.close()
 
 
@@ -343,6 +401,7 @@ class StreamState:
     since_improvement: int = 0
     iteration: int = 0
     done: bool = False
+    momentum: Momentum | None = None  # an extrapolated solver's, its G in the previous codes' buffer
 
 
 def _write_back(buffer, start: int, stop: int, G: np.ndarray) -> None:
