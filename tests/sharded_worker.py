@@ -114,7 +114,7 @@ def run_multihost(data, out, port, process_id):
     new_mine = X_new[:new_cut] if process_id == 0 else X_new[new_cut:]
     assert jax.process_count() == 2 and jax.device_count() == 4 and jax.local_device_count() == 2
     results = {}
-    for solver, sparsity in [("mu", 0.2), ("hals", None)]:
+    for solver, sparsity in [("mu", 0.2), ("hals", None), ("ehals", 0.2)]:
         model = jsnmf.SNMF(RANK, solver=solver, sparsity=sparsity, **SETTINGS).fit(mine)
         key = case_name(solver, sparsity)
         results[f"{key}_features"] = model.features_

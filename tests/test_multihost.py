@@ -38,7 +38,7 @@ def two_processes(tmp_path_factory):
         # The one-process fits, each with the rounding bounds of its problem (tests/rounding.py).
         references = {case_name(solver, sparsity): rounding_tolerances(
             lambda: SNMF(RANK, solver=solver, sparsity=sparsity, **SETTINGS), X, X_new)
-            for solver, sparsity in [("mu", 0.2), ("hals", None)]}
+            for solver, sparsity in [("mu", 0.2), ("hals", None), ("ehals", 0.2)]}
         references["hals_sparse"] = rounding_tolerances(lambda: SNMF(RANK, solver="hals", sparsity=0.2, **SETTINGS), X)
         worker.finish_workers(processes, logs, timeout=300)
     finally:
@@ -50,7 +50,7 @@ def two_processes(tmp_path_factory):
     return X, X_new, references, results, folder / "ckpt"
 
 
-@pytest.mark.parametrize("case", ["mu_sparse", "hals_dense"])
+@pytest.mark.parametrize("case", ["mu_sparse", "hals_dense", "ehals_sparse"])
 def test_two_processes_fit_like_one(two_processes, case):
     X, X_new, references, (first, second), _ = two_processes
     reference, tolerances = references[case]
