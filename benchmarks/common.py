@@ -7,6 +7,7 @@ Each script owns one section of ``benchmarks/RESULTS.md`` per machine label, del
 from __future__ import annotations
 
 import datetime as _dt
+import importlib.metadata
 import os
 import platform
 import re
@@ -51,10 +52,9 @@ def machine_description() -> str:
         where = f"{device.device_kind} ({device.platform}), host CPU {cpu_name()}"
     versions = [f"jax {jax.__version__}", f"python {platform.python_version()}"]
     for name in ("flax", "torch", "transformers", "overcomplete"):
-        try:
-            module = __import__(name)
-            versions.append(f"{name} {getattr(module, '__version__', '?')}")
-        except Exception:
+        try:  # the installed distribution's version: importing overcomplete's package pulls in torchvision
+            versions.append(f"{name} {importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
             continue
     return f"{where}; {', '.join(versions)}"
 
