@@ -176,7 +176,11 @@ def extract(
             return writer.close(meta=counts)
         finally:
             writer.abort()
-    return _extract_shares(model, plan, out_dir, writer, layers, dtype, progress, hook, devices, counts)
+    try:
+        return _extract_shares(model, plan, out_dir, writer, layers, dtype, progress, hook, devices, counts)
+    finally:
+        if writer is not None:  # unlocked also when another process failed: a retry here must not find it locked
+            writer.abort()
 
 
 def _extract_shares(model, plan: TokenPlan, out_dir: Path, writer, layers: list[int], dtype: str, progress: bool,
@@ -198,14 +202,11 @@ def _extract_shares(model, plan: TokenPlan, out_dir: Path, writer, layers: list[
                 chunk_writer.abort()
     with all_or_none("completing the store"):
         if writer is not None:
-            try:
-                writer.adopt_records()
-                if writer.n_committed != plan.n_tokens:
-                    raise ValueError(f"{out_dir}: the processes committed {writer.n_committed} of "
-                                     f"{plan.n_tokens} tokens without a gap; rerun the extraction to resume it")
-                writer.close(meta=counts)
-            finally:
-                writer.abort()
+            writer.adopt_records()
+            if writer.n_committed != plan.n_tokens:
+                raise ValueError(f"{out_dir}: the processes committed {writer.n_committed} of "
+                                 f"{plan.n_tokens} tokens without a gap; rerun the extraction to resume it")
+            writer.close(meta=counts)
     return ActivationStore.open(out_dir)
 
 
