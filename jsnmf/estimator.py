@@ -185,7 +185,8 @@ class SNMF:
 
         ``X`` may also be an :class:`~jsnmf.store.ActivationStore` (``layer`` picks the layer; it may
         be left out when the store holds one) or a ``np.memmap``: the fit then streams it, one pass
-        over its chunks per iteration, with the same iterates as in memory (:mod:`jsnmf.fit.stream`).
+        over its chunks per iteration, with the same iterates as in memory (:mod:`jsnmf.fit.stream`),
+        or reads it once into device memory when it fits there (``on_device``).
 
         Where and how the fit runs (none of these changes the factors beyond float rounding):
 
@@ -201,8 +202,10 @@ class SNMF:
             ``X`` in ``dtype`` and the fit's working set fit the free memory the devices report (GPUs
             and TPUs; CPU devices report none, so a CPU fit streams), else streamed from disk every
             iteration; ``True``: held on the device (a ValueError when the estimate says it cannot fit);
-            ``False``: always streamed, an in-memory array too. An array given with ``chunk_tokens``
-            is streamed unless ``on_device=True``. The factors are the same up to float rounding.
+            ``False``: always streamed, an in-memory array too. An array given with ``chunk_tokens``, or
+            any ``X`` with ``codes_on_disk``, is streamed unless ``on_device=True`` (which keeps the codes
+            on the device too, so it does not go with ``codes_on_disk``). The factors are the same up to
+            float rounding.
         codes_on_disk: where a streamed fit keeps ``G``: ``False`` in memory; ``True`` in ``.npy``
             files in a new temporary directory; a path: in that directory (``codes_`` is then a
             read-only memory map of ``codes.npy`` there).
@@ -473,6 +476,9 @@ def check_runtime(*, mesh: Any = None, chunk_tokens: int | None = None, codes_on
     """Refuse runtime settings of :meth:`SNMF.fit` that cannot work, naming the setting."""
     if on_device is not None and not isinstance(on_device, (bool, np.bool_)):
         raise ValueError(f"on_device must be None (automatic), True or False; got {on_device!r}")
+    if on_device is True and codes_on_disk is not False:
+        raise ValueError("on_device=True keeps X and the codes on the device, codes_on_disk keeps the codes of a "
+                         "streamed fit on disk: pass one of them")
     if mesh is not None:
         check_mesh(mesh)
     if chunk_tokens is not None and not (

@@ -211,11 +211,16 @@ def test_on_device_true_on_cpu_and_false(data, tmp_path):
         SNMF(K, **SETTINGS).fit(store, on_device="yes")
 
 
-def test_chunk_tokens_with_an_array_still_streams_automatically(data, monkeypatch):
-    X, _, _, _, _ = data
+def test_chunk_tokens_with_an_array_or_codes_on_disk_still_stream_automatically(data, monkeypatch, tmp_path):
+    X, store, _, _, _ = data
     free_memory(monkeypatch, 1 << 40)
     assert isinstance(backend_of(X, chunk_tokens=100)[0], StreamedFit)
     assert isinstance(backend_of(X, chunk_tokens=100, on_device=True)[0], HeldFit)
+    # Codes on disk are the streamed fit's: asked for, the fit streams; with on_device=True it is refused.
+    streamed = SNMF(K, **SETTINGS).fit(store, codes_on_disk=tmp_path / "codes")
+    assert isinstance(streamed.codes_, np.memmap)
+    with pytest.raises(ValueError, match="^on_device=True keeps X and the codes on the device, codes_on_disk"):
+        SNMF(K, **SETTINGS).fit(store, codes_on_disk=True, on_device=True)
 
 
 def test_a_bfloat16_store_is_read_in_its_precision_and_held_in_the_compute_dtype(data, monkeypatch):

@@ -63,14 +63,16 @@ def make_backend(X, layer: int | None, spec: FitSpec, *, mesh=None, chunk_tokens
     ``on_device``: where a streamed source's rows live during the fit (:mod:`jsnmf.fit.on_device`).
     None: held on the device(s) when they report enough free memory, else streamed (CPU devices report
     none: streamed); True: held (a ValueError when the estimate says they cannot fit); False: streamed,
-    an in-memory array too. An array given with ``chunk_tokens`` is streamed unless ``on_device=True``.
+    an in-memory array too. An array given with ``chunk_tokens``, or any ``X`` with ``codes_on_disk``,
+    is streamed unless ``on_device=True`` (which refuses ``codes_on_disk``: the codes stay on the device).
     """
     plan = make_plan(X, layer, chunk_tokens, force=on_device is False)
     k, dtype = int(spec.rank), DTYPES[spec.dtype]
     if plan is not None:
         mesh = active_mesh(mesh)
         config = spec.solver_config(plan.d)
-        choice = choose(plan, on_device, k=k, dtype=dtype, extrapolated=config.extrapolation() is not None, mesh=mesh)
+        choice = choose(plan, on_device, k=k, dtype=dtype, extrapolated=config.extrapolation() is not None, mesh=mesh,
+                        stream_asked=codes_on_disk is not False)  # codes on disk: the streamed fit keeps them there
         devices = {} if mesh is None else {"devices": int(mesh.shape[DATA]), "processes": jax.process_count()}
         if choice.hold:
             return _held_backend(plan, choice, spec, config, mesh, devices)

@@ -101,10 +101,12 @@ def _default_device():
     return next(iter(jnp.zeros(()).devices()))
 
 
-def choose(plan: StreamPlan, on_device: bool | None, *, k: int, dtype, extrapolated: bool, mesh=None) -> Choice:
+def choose(plan: StreamPlan, on_device: bool | None, *, k: int, dtype, extrapolated: bool, mesh=None,
+           stream_asked: bool = False) -> Choice:
     """Hold or stream ``plan``'s rows: ``on_device`` True (hold; ValueError when the estimate says they
-    cannot fit), False (stream) or None (hold when the devices report enough free memory, but never an
-    in-memory array the caller asked to stream with ``chunk_tokens``). A collective under several processes."""
+    cannot fit), False (stream) or None (hold when the devices report enough free memory, unless
+    ``stream_asked`` or ``plan`` is an in-memory array the caller asked to stream with ``chunk_tokens``).
+    A collective under several processes."""
     from jsnmf.distributed import RowLayout, per_process
 
     layout = None
@@ -134,7 +136,8 @@ def choose(plan: StreamPlan, on_device: bool | None, *, k: int, dtype, extrapola
             raise ValueError(f"on_device=True, but the devices of process(es) {others} cannot hold their share of X "
                              f"(see their error); process {jax.process_index()} stops too")
         return Choice(True, layout, rows, needed, free)
-    asked_to_stream = isinstance(plan.source, ArraySource) and not isinstance(plan.source.X, np.memmap)
+    chunked_array = isinstance(plan.source, ArraySource) and not isinstance(plan.source.X, np.memmap)
+    asked_to_stream = stream_asked or chunked_array
     known = free is not None
     if jax.process_count() > 1:  # hold only when every process knows it fits
         known = not per_process(0 if known else 1).any()
