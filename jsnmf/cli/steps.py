@@ -117,12 +117,13 @@ def _finished_fit(path: Path, rank: int, settings: dict):
 
 
 def step_fit(store, layers: list[int] | None, rank: int, settings: dict, snmf_dir: Path, progress: bool,
-             resume: bool = False, checkpoint_every: int | None = None) -> dict:
+             resume: bool = False, checkpoint_every: int | None = None, on_device: bool | None = None) -> dict:
     """Fit one SNMF per layer, save each to ``snmf_dir/layer_{L:02d}``; return ``{layer: SNMF}``.
 
     While a layer fits, its state is checkpointed every ``checkpoint_every`` iterations into
     ``snmf_dir/layer_{L:02d}.fitting`` (removed once the layer is saved). ``resume``: continue the
     interrupted fits from their checkpoints and keep the layers already saved with these settings.
+    ``on_device``: as ``SNMF.fit``'s; None keeps a small layer in memory and lets a larger one's fit choose.
     """
     from jsnmf.io.files import FolderLock
 
@@ -139,7 +140,7 @@ def step_fit(store, layers: list[int] | None, rank: int, settings: dict, snmf_di
         if not resume:  # before any layer is fitted, so that a refusal changes nothing
             _refuse_interrupted_fits([(layer, layout.fitting(layer, snmf_dir)) for layer in layers])
         return {layer: _fit_layer(store, layer, rank, settings, layout.fitted(layer, snmf_dir),
-                                  layout.fitting(layer, snmf_dir), progress, resume, checkpoint_every)
+                                  layout.fitting(layer, snmf_dir), progress, resume, checkpoint_every, on_device)
                 for layer in layers}
     finally:
         lock.release()
@@ -156,7 +157,7 @@ def _refuse_interrupted_fits(checkpoint_dirs) -> None:
 
 
 def _fit_layer(store, layer: int, rank: int, settings: dict, saved_path: Path, checkpoint_dir: Path,
-               progress: bool, resume: bool, checkpoint_every: int | None):
+               progress: bool, resume: bool, checkpoint_every: int | None, on_device: bool | None = None):
     """Fit one layer (or keep it, ``resume`` and already fitted), save it, remove its checkpoints."""
     import shutil
 
@@ -175,10 +176,10 @@ def _fit_layer(store, layer: int, rank: int, settings: dict, saved_path: Path, c
     run = dict(checkpoint_dir=checkpoint_dir, resume=resume, progress=progress,
                **({} if checkpoint_every is None else {"checkpoint_every": checkpoint_every}))
     try:
-        if store.n_tokens * store.d_mlp * 4 <= IN_MEMORY_LIMIT_BYTES:
+        if on_device is None and store.n_tokens * store.d_mlp * 4 <= IN_MEMORY_LIMIT_BYTES:
             model.fit(store.layer_array(layer), **run)
-        else:  # streamed from disk, one pass over the chunks per iteration
-            model.fit(store, layer=layer, **run)
+        else:  # held on the device when it fits (on_device), else streamed: one pass over the chunks per iteration
+            model.fit(store, layer=layer, on_device=on_device, **run)
     except BaseException:
         _drop_unstarted_checkpoints(checkpoint_dir)
         raise
