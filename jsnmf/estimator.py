@@ -50,7 +50,9 @@ class SNMF:
         iterations; the fewest passes over ``X``).
     sparsity: fraction ``p`` of the entries kept in each column of ``F`` (``ceil(p·d_mlp)``, by
         absolute value); ``None`` turns sparsification off.
-    init: ``"random"``, ``"svd"``, ``"kmeans"``, or a pair of arrays ``(F0, G0)``.
+    init: ``"random"`` (the paper's), ``"svd"``, ``"kmeans"``, ``"tokens"`` (k random tokens as the features,
+        codes by clipped least squares on them; the fewest iterations to an answer), or a pair of arrays
+        ``(F0, G0)``.
     max_iter: iteration cap.
     tol, patience: stop after ``patience`` iterations without an improvement of the loss larger
         than ``tol·‖X‖²``. The best iterate is kept.

@@ -14,13 +14,16 @@ import jax.numpy as jnp
 from jax import lax
 from jax.extend.random import threefry2x32_p
 
-from jsnmf.kernels.steps import matmul_f32
+from jsnmf.kernels.steps import least_squares_features, matmul_f32
 
 # Initial codes are kept strictly positive: the multiplicative update cannot move a zero.
 CODES_FLOOR = 1e-6
 # The SVD start's subspace iteration, and the k-means start (Ding et al. 2010).
 SVD_OVERSAMPLE, SVD_POWER_ITERS = 10, 2
 KMEANS_ITERS, KMEANS_OFFSET = 20, 0.2
+# The tokens start's least squares: λ relative to the mean squared norm of the sampled tokens, so the
+# codes do not depend on the scale of X (and stay finite when two sampled tokens are equal).
+TOKENS_RIDGE = 1e-6
 
 
 def _times_u32(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -121,3 +124,16 @@ def svd_codes(X_raw, V, floor, valid, *, dtype):
     """The SVD start's codes ``(X V)⁺ + floor`` (zero on padding)."""
     US = matmul_f32(X_raw.astype(dtype), V)
     return (jnp.maximum(US, 0.0) + floor) * valid[:, None]
+
+
+@partial(jax.jit, static_argnames=("dtype",))
+def token_codes(X_raw, F0, valid, *, dtype):
+    """The tokens start's codes of a chunk: each row's least squares on the sampled tokens ``F0`` (d × k),
+    clipped at zero, ``max(0, P (Q + λI)⁻¹)`` with ``P = X F0`` and ``Q = F0ᵀ F0``; floored at
+    ``CODES_FLOOR`` so the multiplicative update can move every code; zero on padding. Each row is
+    solved on its own, so the codes are the same whatever the chunks."""
+    P = matmul_f32(X_raw.astype(dtype), F0)
+    Q = F0.T @ F0
+    ridge = TOKENS_RIDGE * jnp.maximum(jnp.mean(jnp.diagonal(Q)), jnp.finfo(jnp.float32).tiny)
+    G = jnp.maximum(least_squares_features(P, Q, ridge), CODES_FLOOR)
+    return G * valid[:, None]

@@ -50,9 +50,12 @@ def run_sharded(data, out):
             if solver == "hals" and sparsity == 0.2:
                 results[f"{key}_transform"] = model.transform(X_new)
                 results[f"{key}_score"] = np.array(model.score(X_new))
-    # svd start and an explicit start, on 8 devices.
+    # svd, tokens and explicit starts, on 8 devices.
     model = jsnmf.SNMF(RANK, solver="hals", sparsity=0.2, init="svd", **SETTINGS).fit(X[:296])
     results["svd_features"], results["svd_loss"] = model.features_, model.loss_history_
+    # The tokens start needs no padding-free rows: its codes are solved row by row.
+    model = jsnmf.SNMF(RANK, solver="hals", sparsity=0.2, init="tokens", **SETTINGS).fit(X)
+    results["tokens_features"], results["tokens_loss"] = model.features_, model.loss_history_
     rng = np.random.default_rng(5)
     G0 = rng.random((X.shape[0], RANK)).astype(np.float32)
     F0 = rng.normal(size=(X.shape[1], RANK)).astype(np.float32)

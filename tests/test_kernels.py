@@ -140,6 +140,48 @@ def test_svd_init_spans_the_top_singular_subspace(problem):
     np.testing.assert_allclose(np.linalg.norm(projected, axis=0), np.linalg.norm(F0, axis=0), rtol=1e-3)
 
 
+def relative_error(actual, expected) -> float:
+    return float(np.linalg.norm(np.asarray(actual, np.float64) - expected) / np.linalg.norm(expected))
+
+
+def test_tokens_init_is_sampled_rows_and_clipped_least_squares(problem):
+    """F0: k distinct rows of X; G0 = max(P (Q + λI)⁻¹, 1e-6), P = X F0, Q = F0ᵀF0, λ = 1e-6·mean diag Q
+    (float64 NumPy from the formula); both the in-memory fused start and the pass-by-pass start."""
+    from jsnmf.fit.arrays import started_state
+
+    X, _ = problem
+    F0, G0 = (np.asarray(a) for a in initial_factors("tokens", 3, jnp.asarray(X), 5))
+    matches = [np.nonzero((X == F0[:, j][None, :]).all(axis=1))[0] for j in range(5)]
+    assert all(m.size >= 1 for m in matches), "every initial feature is a row of X"
+    assert len({int(m[0]) for m in matches}) == 5, "the sampled rows are distinct"
+    F, Xd = F0.astype(np.float64), X.astype(np.float64)
+    Q = F.T @ F
+    expected = np.maximum(np.linalg.solve(Q + 1e-6 * np.mean(np.diag(Q)) * np.eye(5), (Xd @ F).T).T, 1e-6)
+    # A float32 solve of (Q + λI) G = P: norm-wise relative error ≲ cond(Q)·eps32 (10×: the products too).
+    tolerance = 10 * np.linalg.cond(Q) * np.finfo(np.float32).eps
+    assert relative_error(G0, expected) <= tolerance
+    assert (G0 > 0).all() and np.mean(G0 > 1e-6) > 0.2, "codes are positive and not all at the floor"
+    # The in-memory fit compiles the same start into one executable (TRACEABLE): the same rows, and the
+    # same codes up to the rounding of the differently fused float32 products.
+    state = started_state(jnp.asarray(X), jax.random.key(3), init="tokens", k=5)
+    assert relative_error(np.asarray(state.G), expected) <= tolerance
+
+
+def test_tokens_init_does_not_depend_on_the_scale_of_X(problem):
+    X, _ = problem
+    F0, G0 = (np.asarray(a) for a in initial_factors("tokens", 3, jnp.asarray(X), 5))
+    _, G1 = initial_factors("tokens", 3, jnp.asarray(X * 1000.0), 5)
+    F = F0.astype(np.float64)
+    tolerance = 10 * np.linalg.cond(F.T @ F) * np.finfo(np.float32).eps  # as in the test above
+    assert relative_error(np.asarray(G1), G0) <= tolerance
+    # A repeated token twice in the sample leaves Q singular: the ridge keeps the codes finite.
+    X_repeated = np.repeat(X[:3], 40, axis=0)  # 3 distinct rows, 120 tokens: k=5 samples must repeat
+    F2, G2 = initial_factors("tokens", 0, jnp.asarray(X_repeated), 5)
+    assert np.isfinite(np.asarray(G2)).all() and (np.asarray(G2) > 0).all()
+    recon = np.asarray(G2) @ np.asarray(F2).T
+    assert np.linalg.norm(X_repeated - recon) < 1e-2 * np.linalg.norm(X_repeated)
+
+
 def test_kmeans_init_codes_are_one_hot_plus_offset(problem):
     X, _ = problem
     F0, G0 = initial_factors("kmeans", 0, jnp.asarray(X), 5)

@@ -42,6 +42,8 @@ def sharded_run(tmp_path_factory):
         }
         references["svd"] = rounding_tolerances(
             lambda: SNMF(RANK, solver="hals", sparsity=0.2, init="svd", **SETTINGS), X[:296])
+        references["tokens"] = rounding_tolerances(
+            lambda: SNMF(RANK, solver="hals", sparsity=0.2, init="tokens", **SETTINGS), X)
         rng = np.random.default_rng(5)
         G0 = rng.random((X.shape[0], RANK)).astype(np.float32)
         F0 = rng.normal(size=(X.shape[1], RANK)).astype(np.float32)
@@ -89,10 +91,11 @@ def test_mesh_with_a_second_axis_shards_rows_over_data_only(sharded_run):
                      results["4x2_hals_sparse_loss"])
 
 
-def test_sharded_svd_and_explicit_starts(sharded_run):
+def test_sharded_svd_tokens_and_explicit_starts(sharded_run):
     _, _, references, results, _ = sharded_run
-    # 296 rows: no padding on 8 devices, so the SVD start is the same as on one device.
-    for name in ("svd", "pair"):
+    # 296 rows: no padding on 8 devices, so the SVD start is the same as on one device; the tokens start
+    # runs on all 301 rows (padded), its codes solved row by row.
+    for name in ("svd", "tokens", "pair"):
         reference, tolerances = references[name]
         assert tolerances.features >= relative(results[f"{name}_features"], reference.features_), name
         assert tolerances.loss >= relative(results[f"{name}_loss"], reference.loss_history_), name

@@ -133,7 +133,7 @@ def test_stopping_rule_and_best_iterate_match_in_memory(data):
     assert recon == pytest.approx(streamed.reconstruction_err_, rel=1e-3)
 
 
-@pytest.mark.parametrize("init", ["random", "kmeans", "svd"])
+@pytest.mark.parametrize("init", ["random", "kmeans", "svd", "tokens"])
 def test_streamed_starts_are_the_in_memory_starts(data, init):
     """Each initializer is one sequence of passes (jsnmf.fit.starts): over the store's chunks it
     starts where the in-memory fit (one chunk) starts, up to the order of float sums."""

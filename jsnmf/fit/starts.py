@@ -6,7 +6,7 @@ rows), a few sampled rows, and a way to put small arrays where the chunks are. T
 the rows: in memory they are one chunk (:class:`ArrayRows`), sharded one chunk that is the global
 row-sharded array (padding masked), streamed the store's chunks
 (:class:`jsnmf.fit.stream.StreamedFit`). So every backend starts from the same algorithm: the
-k-means start is Lloyd's iterations, one pass each; the SVD start is a subspace iteration on
+k-means start is Lloyd's iterations, one pass each; the tokens start is one pass; the SVD start is a subspace iteration on
 ``XᵀX`` with a Rayleigh–Ritz step and Ding et al.'s sign rule; the random start draws each row of
 ``G0`` by its global token index (``Rows.random_codes``), so it is the same whatever the chunks,
 devices or processes.
@@ -26,7 +26,7 @@ import numpy as np
 
 from jsnmf.kernels.init import (CODES_FLOOR, KMEANS_ITERS, SVD_OVERSAMPLE, SVD_POWER_ITERS, gram_times,
                                 kmeans_accumulate, kmeans_codes, projected_gram, random_codes, random_keys,
-                                sign_masses, svd_codes)
+                                sign_masses, svd_codes, token_codes)
 from jsnmf.validation import validate_matrix
 
 __all__ = ["INITIALIZERS", "TRACEABLE", "ArrayRows", "Rows", "Start", "check_initial_pair", "initial_factors",
@@ -88,6 +88,24 @@ def kmeans_start(key, rows: Rows, k: int) -> Start:
     return Start(centroids.T, lambda c: kmeans_codes(c.X, centroids, c.valid, dtype=rows.dtype))
 
 
+def tokens_start(key, rows: Rows, k: int) -> Start:
+    """Tokens start: ``k`` distinct random tokens' activations are the features, ``F0 = X[S]ᵀ``, and each
+    token's codes are its least squares on them, clipped at zero (:func:`token_codes`).
+
+    Like the k-means start without Lloyd's iterations, but with codes that reconstruct each row from all
+    the sampled tokens instead of a one-hot nearest one: one pass, and no host round trip, so an in-memory
+    fit compiles it into its start (:data:`TRACEABLE`). Equal sampled tokens (repeated tokens have equal
+    activations) only make ``F0ᵀF0`` singular, which the small ridge of :func:`token_codes` absorbs.
+
+    On planted GELU problems (n=8192, d=3072, k=100 and n=4096, d=1536, k=64) ``ehals`` reached the error
+    of 400 ``mu`` iterations in about half the iterations it needs from the random start, over several
+    seeds (benchmarks/RESULTS.md, "Time to an answer").
+    """
+    seeds = rows.sample_rows(jax.random.choice(key, rows.n, (k,), replace=False))
+    F0 = rows.replicate(jnp.asarray(jnp.asarray(seeds, rows.dtype), jnp.float32).T)  # in the compute precision
+    return Start(F0, lambda c: token_codes(c.X, F0, c.valid, dtype=rows.dtype))
+
+
 def svd_start(key, rows: Rows, k: int) -> Start:
     """SVD start in the spirit of Ding et al.: ``X ≈ U S Vᵀ`` (rank k), ``F = V``, ``G = (U S)⁺``.
 
@@ -127,12 +145,12 @@ def svd_start(key, rows: Rows, k: int) -> Start:
 
 # The initializer registry: name -> start(key, rows, k).
 INITIALIZERS: dict[str, Callable[[Any, Rows, int], Start]] = {
-    "random": random_start, "svd": svd_start, "kmeans": kmeans_start}
+    "random": random_start, "svd": svd_start, "kmeans": kmeans_start, "tokens": tokens_start}
 
 # Starts that are one computation on the array (no host-synchronized passes), so an in-memory fit can
 # compile the start and the statistics of G0 as one executable (jsnmf.fit.arrays.started_state)
 # instead of some twenty small ones.
-TRACEABLE = frozenset({"random"})
+TRACEABLE = frozenset({"random", "tokens"})
 
 
 # -- the rows of an array backend: one chunk ------------------------------------------------------
@@ -161,9 +179,9 @@ class ArrayRows:
     def chunks(self, step: str) -> Iterable[WholeArray]:
         return (self.whole,)
 
-    def sample_rows(self, indices) -> np.ndarray:
-        if self.sharded is None:
-            return np.asarray(self.X[np.asarray(indices)], np.float32)
+    def sample_rows(self, indices) -> jax.Array | np.ndarray:
+        if self.sharded is None:  # traceable: see TRACEABLE
+            return jnp.take(self.X, jnp.asarray(indices), axis=0).astype(jnp.float32)
         from jsnmf.distributed import sample_rows
 
         return sample_rows(self.sharded, indices)
