@@ -6,6 +6,8 @@ timed fit runs in its own fresh Python process (``--child``), so each pays what 
 start, transfer, initialization, compilation, iterations. The clock starts at the ``fit`` call
 (imports and loading ``X`` are reported apart) and stops when the factors are back on the host.
 
+A configuration is a solver (``ehals``: random start, the paper's) or ``solver/init`` (``ehals/tokens``).
+
 Targets:
 
 1. **the paper's error**: the relative error of the best iterate of 100 iterations of the paper's
@@ -42,7 +44,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from common import markdown_table, write_section  # noqa: E402
 
-SOLVERS = ("mu", "hals", "apg", "ehals")
+# Configurations: a solver, or solver/init (the random start otherwise, the paper's).
+SOLVERS = ("mu", "hals", "apg", "ehals", "ehals/tokens")
 PAPER_ITERS = 100
 
 
@@ -114,8 +117,9 @@ def child(job: dict) -> dict:
     X = np.load(job["data"])
     sq_norm = float(np.sum(X.astype(np.float64) ** 2))
     loaded = time.perf_counter()
-    model = SNMF(job["k"], solver=job["solver"], sparsity=job["sparsity"], init="random", max_iter=job["iters"],
-                 tol=0.0, patience=10**9, seed=0).fit(X, progress=False)
+    solver, _, init = job["solver"].partition("/")
+    model = SNMF(job["k"], solver=solver, sparsity=job["sparsity"], init=init or "random", max_iter=job["iters"],
+                 tol=0.0, patience=10**9, seed=job.get("seed", 0)).fit(X, progress=False)
     fit_seconds = time.perf_counter() - loaded
     history = np.asarray(model.loss_history_, np.float64)
     return {"fit_s": fit_seconds, "import_s": imported - started, "compile_s": float(sum(compiles)),
@@ -166,6 +170,11 @@ def measure(noise: float, args, scratch: Path) -> str:
                             "history": True}, None) for s in args.solvers}
     paper_target = None
     mu_target = probes["mu"]["rel_err_history"][args.mu_iters - 1] if "mu" in probes else None
+    # Iterations to a target depend on the start's seed: untimed probes at other seeds show the spread.
+    seed_solvers = [s for s in args.seed_solvers.split(",") if s in probes]
+    seed_probes = {(s, seed): run_child({**base, "kind": "jsnmf", "solver": s, "iters": args.seed_probe_iters,
+                                         "history": True, "seed": seed}, None)
+                   for s in seed_solvers for seed in range(1, args.seeds)}
 
     # Alternate the repeats of every configuration: (paper), then each solver per target.
     paper_runs, runs = [], {}
@@ -232,11 +241,32 @@ def measure(noise: float, args, scratch: Path) -> str:
         speed_rows.append([label, f"`{solver}`", iters, f"{cold_s:.2f}", f"{median(cold, 'compile_s'):.2f}",
                            f"{warm_s:.2f}", f"{median(warm, 'compile_s'):.2f} ({int(median(warm, 'cache_hits'))} hits)",
                            versus])
-    lines.append(markdown_table(["target", "solver", "iterations", "cold s", "cold compile s", "warm s",
+    lines.append(markdown_table(["target", "configuration", "iterations", "cold s", "cold compile s", "warm s",
                                  "warm compile s (cache hits)", "faster (cold / warm)"], speed_rows))
     lines.append("")
-    lines.append("`faster`: against the paper's fit for its error, against 400 `mu` iterations (same state of "
+    lines.append(f"`faster`: against the paper's fit for its error, against {args.mu_iters} `mu` iterations (same state of "
                  "the cache) for theirs.")
+    if args.seeds > 1 and seed_solvers:
+        lines.append("")
+        lines.append(f"Iterations to each target from the starts of seeds 0–{args.seeds - 1} (untimed probes; the "
+                     "timed rows above use seed 0, as every row does):")
+        lines.append("")
+        seed_rows = []
+        for solver in seed_solvers:
+            histories = [probes[solver]["rel_err_history"]] + [seed_probes[(solver, seed)]["rel_err_history"]
+                                                               for seed in range(1, args.seeds)]
+            row = [f"`{solver}`"]
+            for target in (paper_target, mu_target):
+                if target is None:
+                    continue
+                counts = [first_reaching(h, target) for h in histories]
+                shown = ", ".join("—" if c is None else str(c) for c in counts)
+                reached = [c for c in counts if c is not None]
+                row.append(f"{shown} (median {statistics.median(reached):g})" if len(reached) == len(counts)
+                           else shown)
+            seed_rows.append(row)
+        headers = ["configuration"] + (["paper's error"] if paper_target else []) + [f"`mu` × {args.mu_iters} error"]
+        lines.append(markdown_table(headers, seed_rows))
     return "\n".join(lines)
 
 
@@ -253,6 +283,9 @@ def main(argv=None) -> None:
                         help="most iterations a probe of a solver other than mu runs")
     parser.add_argument("--solvers", default=",".join(SOLVERS))
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--seeds", type=int, default=4, help="starts probed for the spread of iterations to a target")
+    parser.add_argument("--seed-solvers", default="ehals,ehals/tokens", help="configurations probed at every seed")
+    parser.add_argument("--seed-probe-iters", type=int, default=100, help="iterations of each probe at another seed")
     parser.add_argument("--no-paper", action="store_true")
     parser.add_argument("--label", default="cpu")
     parser.add_argument("--no-write", action="store_true")
