@@ -193,7 +193,8 @@ def _fit_layer(store, layer: int, rank: int, settings: dict, saved_path: Path, c
 
     model = SNMF(rank, **settings)
     width = f"{store.d_mlp} neurons" if store.hook_site == "hook_post" else f"{store.d_mlp} ({store.hook_site})"
-    say(f"fitting layer {layer}: rank {rank}, {store.n_tokens:,} tokens × {width}" + (" (resuming)" if resuming else ""))
+    say(f"fitting layer {layer}: rank {rank}, {store.n_tokens:,} tokens × {width}"
+        + (" (resuming)" if resuming else ""))
     started = time.perf_counter()
     run = dict(checkpoint_dir=checkpoint_dir, resume=resume, progress=progress,
                **({} if checkpoint_every is None else {"checkpoint_every": checkpoint_every}))
@@ -218,9 +219,9 @@ def _fit_layer(store, layer: int, rank: int, settings: dict, saved_path: Path, c
 
 
 def _fit_input(store, layer: int) -> tuple[object, dict]:
-    """``(X, keywords)`` for ``SNMF.fit`` of ``layer``: the activations in memory when (this process's share of) them
-    fit under IN_MEMORY_LIMIT_BYTES, else the store itself (streamed, one pass over its chunks per
-    iteration). In a job of several processes each holds its share: the rows ``[i·n/N, (i+1)·n/N)`` in
+    """``(X, keywords)`` for ``SNMF.fit`` of ``layer``: the activations in memory when (this process's share
+    of) them fit under IN_MEMORY_LIMIT_BYTES, else the store itself (streamed, one pass over its chunks
+    per iteration). In a job of several processes each holds its share: the rows ``[i·n/N, (i+1)·n/N)`` in
     memory, or whole chunks streamed (:func:`jsnmf.distributed.process_token_range`)."""
     index, count = job().index, job().count
     if -(-store.n_tokens // count) * store.d_mlp * 4 <= IN_MEMORY_LIMIT_BYTES:
