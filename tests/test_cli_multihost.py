@@ -78,8 +78,14 @@ def assert_ok(results, name):
 
 
 def narration(text):
-    """The lines of a process's output that are jsnmf's (gloo prints its own connection lines)."""
+    """The lines of a process's stdout that are jsnmf's (gloo prints its own connection lines)."""
     return [line for line in text.splitlines() if line.strip() and not line.startswith("[Gloo]")]
+
+
+def said_on_stderr(text):
+    """jsnmf's own lines, warnings and progress bars in a process's stderr (JAX's and gloo's logs aside)."""
+    return [line for line in text.replace("\r", "\n").splitlines()
+            if line.startswith("jsnmf:") or "it/s" in line or "tok/s" in line]
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +99,7 @@ def job(tmp_path_factory):
     corpus = root / "corpus.jsonl"
     corpus.write_text("".join(json.dumps(r) + "\n" for r in demo.read_demo_corpus()[:45]))
     source = ["--model", model, "--corpus", corpus, *EXTRACT]
-    started = start_job(root, "extract", ["extract", *source, "--out", root / "two"])
+    started = start_job(root, "extract", ["extract", *source, "--out", root / "two", "--overwrite"])
     try:  # the one-process extraction meanwhile
         assert main(["--quiet", "extract", *map(str, source), "--out", str(root / "one")]) == 0
     finally:
@@ -118,7 +124,7 @@ def test_only_process_zero_narrates(job):
     _, results = job
     for name, results_ in results.items():
         (_, out0, err0), (_, out1, err1) = results_
-        assert narration(out1) == [] and narration(err1) == [], f"{name}: process 1 spoke:\n{out1}\n{err1}"
+        assert narration(out1) == [] and said_on_stderr(err1) == [], f"{name}: process 1 spoke:\n{out1}\n{err1}"
         assert "Traceback" not in err0 + err1
     (_, out, err), _ = results["extract"]
     assert "by 2 processes" in out and "store:" in out
@@ -154,6 +160,18 @@ def test_two_process_fit_equals_the_one_process_fit(job, one_process_fit, run):
     assert two.codes_.shape == (ActivationStore.open(root / run / "store").n_tokens, 4)
     tolerances.check(one, two.features_, two.codes_, two.loss_history_, run)
     assert sorted(p.name for p in (root / run / "snmf").iterdir()) == [".lock", "layer_01"]  # checkpoints removed
+
+
+def test_resume_keeps_the_fitted_layer_on_every_process(job):
+    """`--resume` after the two-process fit: every process loads the saved layer on its own and keeps it."""
+    root, _ = job
+    saved = root / "two" / "snmf" / "layer_01" / "manifest.json"
+    before = saved.read_bytes()
+    (code0, out0, err0), (code1, out1, err1) = run_job(root, "resume", ["fit", "--store", root / "two" / "store",
+                                                                        *FIT, "--resume"])
+    assert (code0, code1) == (0, 0), err0 + err1
+    assert "layer 1: already fitted" in out0 and narration(out1) == []
+    assert saved.read_bytes() == before
 
 
 def test_an_error_on_one_process_stops_both_and_is_named(job):

@@ -141,7 +141,8 @@ _COMMANDS = {"extract": cmd_extract, "fit": cmd_fit, "report": cmd_report, "run"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``jsnmf`` command line; returns the exit status (0 ok, 2 user error, 130 interrupted)."""
+    """Run the ``jsnmf`` command line; returns the exit status (0 ok, 2 user error, 130 interrupted; in a
+    job of several processes 1 on a process that stopped because another one failed)."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
