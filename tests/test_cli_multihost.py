@@ -215,7 +215,8 @@ def test_malformed_job_options_are_argparse_errors(capsys, tmp_path):
 
 
 # Each case: argv, and what its one error line must say. They reach jax.distributed.initialize, which must
-# run before JAX is used, so they run in a fresh process (this one has used JAX).
+# run before JAX is used, so they run in a fresh process (this one has used JAX); had the command line touched
+# a JAX backend before joining, initialize would refuse and these messages would not come.
 PARTIAL = [
     (["fit", "--store", "S", "--rank", "2", "--coordinator", "127.0.0.1:1234"],
      ["--coordinator given without --num-processes and --process-id", "no cluster environment"]),

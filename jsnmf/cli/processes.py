@@ -104,8 +104,10 @@ def _initialize(args: argparse.Namespace) -> None:
     given = [option for name, option in _EXPLICIT if getattr(args, name) is not None]
     try:
         initialize(args.coordinator, args.num_processes, args.process_id, cpu_collectives=args.cpu_collectives)
-    except ValueError as err:  # JAX: a setting neither given nor found in the cluster's environment
-        if not missing:
+    except ValueError as err:
+        # JAX says "... must be defined" / "should be defined" of a setting neither given nor found in the
+        # cluster's environment; anything else (e.g. an id the environment gave out of range) as it is
+        if not missing or "defined" not in str(err):
             raise UserError(f"cannot join the job: {err}") from None
         clusters = "no cluster environment (SLURM, Open MPI, a Cloud TPU slice)"
         if not given:
