@@ -130,7 +130,7 @@ def test_only_process_zero_narrates(job):
     assert "by 2 processes" in out and "store:" in out
     assert "extract [0]" in err  # process 0's progress bar (its share of the tokens)
     (_, out, _), _ = results["fit"]
-    assert "fitting layer 1" in out and "relative error" in out
+    assert "fitting layer 1 by 2 processes" in out and "relative error" in out
 
 
 @pytest.fixture(scope="module")

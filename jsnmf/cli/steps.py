@@ -193,7 +193,8 @@ def _fit_layer(store, layer: int, rank: int, settings: dict, saved_path: Path, c
 
     model = SNMF(rank, **settings)
     width = f"{store.d_mlp} neurons" if store.hook_site == "hook_post" else f"{store.d_mlp} ({store.hook_site})"
-    say(f"fitting layer {layer}: rank {rank}, {store.n_tokens:,} tokens × {width}"
+    shared = f" by {job().count} processes" if job().count > 1 else ""
+    say(f"fitting layer {layer}{shared}: rank {rank}, {store.n_tokens:,} tokens × {width}"
         + (" (resuming)" if resuming else ""))
     started = time.perf_counter()
     run = dict(checkpoint_dir=checkpoint_dir, resume=resume, progress=progress,
