@@ -180,12 +180,13 @@ class SNMF:
     def fit(self, X, y=None, *, layer: int | None = None, mesh: Any = None, chunk_tokens: int | None = None,
             codes_on_disk: bool | str | os.PathLike = False, checkpoint_dir: str | os.PathLike | None = None,
             checkpoint_every: int = 50, max_to_keep: int = 2, resume: bool = False,
-            progress: bool | None = None) -> "SNMF":
+            progress: bool | None = None, on_device: bool | None = None) -> "SNMF":
         """Learn ``features_`` and ``codes_`` from ``X`` (n_tokens × d_mlp). ``y`` is ignored.
 
         ``X`` may also be an :class:`~jsnmf.store.ActivationStore` (``layer`` picks the layer; it may
         be left out when the store holds one) or a ``np.memmap``: the fit then streams it, one pass
-        over its chunks per iteration, with the same iterates as in memory (:mod:`jsnmf.fit.stream`).
+        over its chunks per iteration, with the same iterates as in memory (:mod:`jsnmf.fit.stream`),
+        or reads it once into device memory when it fits there (``on_device``).
 
         Where and how the fit runs (none of these changes the factors beyond float rounding):
 
@@ -196,6 +197,15 @@ class SNMF:
             chunks) and ``codes_`` holds the process's own rows.
         chunk_tokens: rows per chunk of a streamed fit. Any array is streamed when this is set;
             ``None`` keeps a store's own chunks (65536 rows for a memmap).
+        on_device: where the rows of a store, memmap or chunk source live during the fit
+            (:mod:`jsnmf.fit.on_device`). ``None``: read once, chunk by chunk, into device memory when
+            ``X`` in ``dtype`` and the fit's working set fit the free memory the devices report (GPUs
+            and TPUs; CPU devices report none, so a CPU fit streams), else streamed from disk every
+            iteration; ``True``: held on the device (a ValueError when the estimate says it cannot fit);
+            ``False``: always streamed, an in-memory array too. An array given with ``chunk_tokens``, or
+            any ``X`` with ``codes_on_disk``, is streamed unless ``on_device=True`` (which keeps the codes
+            on the device too, so it does not go with ``codes_on_disk``). The factors are the same up to
+            float rounding.
         codes_on_disk: where a streamed fit keeps ``G``: ``False`` in memory; ``True`` in ``.npy``
             files in a new temporary directory; a path: in that directory (``codes_`` is then a
             read-only memory map of ``codes.npy`` there).
@@ -211,12 +221,12 @@ class SNMF:
         """
         self._check_settings()
         check_runtime(mesh=mesh, chunk_tokens=chunk_tokens, codes_on_disk=codes_on_disk,
-                      checkpoint_every=checkpoint_every, max_to_keep=max_to_keep)
+                      checkpoint_every=checkpoint_every, max_to_keep=max_to_keep, on_device=on_device)
         if resume and checkpoint_dir is None:
             raise ValueError("resume=True needs checkpoint_dir= (the directory the fit checkpoints into)")
         spec = FitSpec(int(self.rank), self.init, int(self.seed), self.dtype, self.solver_config, self.limits())
         backend, source, sample_rows = make_backend(X, layer, spec, mesh=mesh, chunk_tokens=chunk_tokens,
-                                                    codes_on_disk=codes_on_disk)
+                                                    codes_on_disk=codes_on_disk, on_device=on_device)
         try:
             checkpointer = self._checkpointer(checkpoint_dir, resume, backend.n_tokens, backend.d, sample_rows,
                                               source, every=checkpoint_every, max_to_keep=max_to_keep)
@@ -462,8 +472,13 @@ def show_progress(progress: bool | None) -> bool:
 
 
 def check_runtime(*, mesh: Any = None, chunk_tokens: int | None = None, codes_on_disk: Any = False,
-                  checkpoint_every: int = 1, max_to_keep: int = 1) -> None:
+                  checkpoint_every: int = 1, max_to_keep: int = 1, on_device: bool | None = None) -> None:
     """Refuse runtime settings of :meth:`SNMF.fit` that cannot work, naming the setting."""
+    if on_device is not None and not isinstance(on_device, (bool, np.bool_)):
+        raise ValueError(f"on_device must be None (automatic), True or False; got {on_device!r}")
+    if on_device is True and codes_on_disk is not False:
+        raise ValueError("on_device=True keeps X and the codes on the device, codes_on_disk keeps the codes of a "
+                         "streamed fit on disk: pass one of them")
     if mesh is not None:
         check_mesh(mesh)
     if chunk_tokens is not None and not (

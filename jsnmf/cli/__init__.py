@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_fit_options(p, rank_help=" (required unless --preset)", rank_required=True)
     p.add_argument("--resume", action="store_true",
                    help="continue interrupted fits from their checkpoints; keep layers already fitted")
+    p.add_argument("--on-device", choices=("auto", "yes", "no"), default="auto",
+                   help="hold a layer's activations in device memory: auto (when they fit a GPU/TPU's free memory), "
+                        "yes, or no (stream them from disk every iteration)")
     add_distributed_options(p)
 
     p = add_command(sub, "report", parents=[quiet], help="write the HTML report of a run",

@@ -43,7 +43,7 @@ def cmd_fit(args) -> int:
         store = _open_store(args.store)
     snmf_dir = RunLayout.of_store(store.path).snmf
     step_fit(store, args.layers, rank, fit_settings(args), snmf_dir, not args.quiet, resume=args.resume,
-             checkpoint_every=args.checkpoint_every)
+             checkpoint_every=args.checkpoint_every, on_device={"auto": None, "yes": True, "no": False}[args.on_device])
     say(f"checkpoints: {snmf_dir}")
     return 0
 

@@ -125,12 +125,13 @@ def _finished_fit(path: Path, rank: int, settings: dict):
 
 
 def step_fit(store, layers: list[int] | None, rank: int, settings: dict, snmf_dir: Path, progress: bool,
-             resume: bool = False, checkpoint_every: int | None = None) -> dict:
+             resume: bool = False, checkpoint_every: int | None = None, on_device: bool | None = None) -> dict:
     """Fit one SNMF per layer, save each to ``snmf_dir/layer_{L:02d}``; return ``{layer: SNMF}``.
 
     While a layer fits, its state is checkpointed every ``checkpoint_every`` iterations into
     ``snmf_dir/layer_{L:02d}.fitting`` (removed once the layer is saved). ``resume``: continue the
     interrupted fits from their checkpoints and keep the layers already saved with these settings.
+    ``on_device``: as ``SNMF.fit``'s; None keeps a small layer in memory and lets a larger one's fit choose.
     """
     from jsnmf.io.files import FolderLock
 
@@ -164,7 +165,7 @@ def step_fit(store, layers: list[int] | None, rank: int, settings: dict, snmf_di
             else:
                 fitted[layer] = _fit_layer(store, layer, rank, settings, layout.fitted(layer, snmf_dir),
                                            layout.fitting(layer, snmf_dir), progress, resume, resuming[layer],
-                                           checkpoint_every)
+                                           checkpoint_every, on_device)
         return fitted
     finally:
         if lock is not None:
@@ -182,7 +183,8 @@ def _refuse_interrupted_fits(checkpoint_dirs) -> None:
 
 
 def _fit_layer(store, layer: int, rank: int, settings: dict, saved_path: Path, checkpoint_dir: Path,
-               progress: bool, resume: bool, resuming: bool, checkpoint_every: int | None):
+               progress: bool, resume: bool, resuming: bool, checkpoint_every: int | None,
+               on_device: bool | None = None):
     """Fit one layer, save it, remove its checkpoints. ``resuming``: its checkpoints are there to continue.
 
     In a job of several processes every process fits its share of the tokens (the codes of its rows);
@@ -200,7 +202,7 @@ def _fit_layer(store, layer: int, rank: int, settings: dict, saved_path: Path, c
     run = dict(checkpoint_dir=checkpoint_dir, resume=resume, progress=progress,
                **({} if checkpoint_every is None else {"checkpoint_every": checkpoint_every}))
     try:
-        X, where = _fit_input(store, layer)
+        X, where = _fit_input(store, layer, on_device)
         model.fit(X, **where, **run)
     except BaseException:
         if is_first():
@@ -219,20 +221,21 @@ def _fit_layer(store, layer: int, rank: int, settings: dict, saved_path: Path, c
     return model
 
 
-def _fit_input(store, layer: int) -> tuple[object, dict]:
-    """``(X, keywords)`` for ``SNMF.fit`` of ``layer``: the activations in memory when (this process's share
-    of) them fit under IN_MEMORY_LIMIT_BYTES, else the store itself (streamed, one pass over its chunks
-    per iteration). In a job of several processes each holds its share: the rows ``[i·n/N, (i+1)·n/N)`` in
-    memory, or whole chunks streamed (:func:`jsnmf.distributed.process_token_range`)."""
+def _fit_input(store, layer: int, on_device: bool | None = None) -> tuple[object, dict]:
+    """``(X, keywords)`` for ``SNMF.fit`` of ``layer``: with ``on_device`` None, the activations in host
+    memory when (this process's share of) them fit under IN_MEMORY_LIMIT_BYTES; else the store itself,
+    held on the device or streamed as ``on_device`` and the fit decide (:mod:`jsnmf.fit.on_device`). In a
+    job of several processes each takes its share: the rows ``[i·n/N, (i+1)·n/N)`` in host memory, or
+    whole chunks of the store (:func:`jsnmf.distributed.process_token_range`)."""
     index, count = job().index, job().count
-    if -(-store.n_tokens // count) * store.d_mlp * 4 <= IN_MEMORY_LIMIT_BYTES:
+    if on_device is None and -(-store.n_tokens // count) * store.d_mlp * 4 <= IN_MEMORY_LIMIT_BYTES:
         if count == 1:
             return store.layer_array(layer), {}
         return store.read(layer, store.n_tokens * index // count, store.n_tokens * (index + 1) // count), {}
     if len(store.chunk_bounds) < count:
         raise UserError(f"the store {store.path} has {len(store.chunk_bounds)} chunk(s), fewer than the {count} "
-                        "processes that stream them: extract it with a smaller --chunk-tokens")
-    return store, {"layer": layer}
+                        "processes that share them: extract it with a smaller --chunk-tokens")
+    return store, {"layer": layer, "on_device": on_device}
 
 
 def _drop_unstarted_checkpoints(checkpoint_dir: Path) -> None:

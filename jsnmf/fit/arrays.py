@@ -68,6 +68,9 @@ class Limits:
 
 
 _initial_state = jax.jit(initial_state, static_argnames=("axis_name", "extrapolation"))
+# Compiled, so that the float32 squares of X are summed as they are made: run op by op they were a
+# temporary array as large as X in float32 (twice X held in bfloat16) beside X on the device.
+_squared_norm = jax.jit(squared_norm)
 
 
 # Built once per rule: a jit made per fit is a new function to JAX's cache, so every batched fit compiled it again.
@@ -104,7 +107,7 @@ class ArrayBackend:
         self.mesh, self.layout, self.batched = mesh, layout, batched
         self.n_tokens = layout.n_rows if layout is not None else X.shape[-2]
         self.d = X.shape[-1]
-        self.sq_norm_X = squared_norm(X)
+        self.sq_norm_X = _squared_norm(X)
         self.sq_norms = np.asarray(replicated_value(self.sq_norm_X), np.float64)
         block_size = BLOCK_SIZE  # not min(BLOCK_SIZE, max_iter): max_iter is traced, never compiled in
         if mesh is not None:

@@ -65,17 +65,43 @@ __all__ = ["StreamedFit", "StreamState"]
 # -- where the chunks go --------------------------------------------------------------------------
 
 
-def _first_non_finite(plan: StreamPlan) -> str:
+def _where(plan: StreamPlan) -> str:
     where = plan.describe().get("path")
     layer = f" layer {plan.layer}" if plan.layer is not None else ""
-    of = f" of {where}{layer}" if where is not None else layer
+    return f" of {where}{layer}" if where is not None else layer
+
+
+def find_non_finite(plan: StreamPlan) -> str | None:
+    """The error naming the first NaN or Inf of this process's rows of ``plan`` (one pass), or None."""
     for index, (start, stop) in enumerate(plan.bounds):
         rows = plan.load(index)[: stop - start].astype(np.float32)
         bad = np.argwhere(~np.isfinite(rows))
         if len(bad):
             row, col = bad[0]
-            return f"X contains NaN or Inf (first at row {start + row}, column {col}{of}, chunk [{start}, {stop}))"
-    return f"X contains NaN or Inf in the rows of another process (process {jax.process_index()}'s rows{of} are finite)"
+            return (f"X contains NaN or Inf (first at row {start + row}, column {col}{_where(plan)}, "
+                    f"chunk [{start}, {stop}))")
+    return None
+
+
+def _first_non_finite(plan: StreamPlan) -> str:
+    found = find_non_finite(plan)
+    if found is not None:
+        return found
+    return (f"X contains NaN or Inf in the rows of another process "
+            f"(process {jax.process_index()}'s rows{_where(plan)} are finite)")
+
+
+def sample_plan_rows(plan: StreamPlan, offset: int, indices) -> np.ndarray:
+    """Rows ``indices`` of the global ``X`` as float32, on every process (a collective): this process
+    holds the plan's rows, global rows ``[offset, offset + plan.rows)``, read from its source."""
+    from jsnmf.distributed import sum_over_processes
+
+    out = np.zeros((len(indices), plan.d), np.float32)
+    for i, row in enumerate(np.asarray(indices).tolist()):
+        local = row - offset
+        if 0 <= local < plan.rows:
+            out[i] = plan.read_rows(plan.offset + local, plan.offset + local + 1)[0]
+    return sum_over_processes(out)  # each row is held by one process, zeros elsewhere
 
 
 class StreamedFit:
@@ -118,14 +144,7 @@ class StreamedFit:
 
     def sample_rows(self, indices) -> np.ndarray:
         """Rows ``indices`` of the global ``X`` as float32, on every process (a collective)."""
-        from jsnmf.distributed import sum_over_processes
-
-        out = np.zeros((len(indices), self.d), np.float32)
-        for i, row in enumerate(np.asarray(indices).tolist()):
-            local = row - self.offset
-            if 0 <= local < self.n_local:
-                out[i] = self.plan.read_rows(self.plan.offset + local, self.plan.offset + local + 1)[0]
-        return sum_over_processes(out)  # each row is held by one process, zeros elsewhere
+        return sample_plan_rows(self.plan, self.offset, indices)
 
     # -- codes buffers
 
