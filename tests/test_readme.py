@@ -3,9 +3,11 @@
 The rule, stated once:
 - ```python blocks run, each as its own script (``python block.py``).
 - ```bash blocks run with ``bash -euo pipefail`` (``jsnmf`` on PATH), each as a whole.
-- ```bash no-run blocks are not run. Only installing, testing and downloading may be marked so:
-  each of their commands must be a ``pip install``, a ``pytest`` run, a ``jsnmf.models.fetch``, or
-  a command on a fetched real model (``~/.cache/jsnmf/models``); the test checks that.
+- ```bash no-run blocks are not run. Only installing, testing, downloading and jobs of several
+  processes may be marked so: each of their commands must be a ``pip install``, a ``pytest`` run, a
+  ``jsnmf.models.fetch``, a command on a fetched real model (``~/.cache/jsnmf/models``), or a ``jsnmf
+  extract``/``jsnmf fit`` joining a multi-process job (``--coordinator``/``--distributed``: it needs
+  several processes or hosts; tests/test_cli_multihost.py runs such jobs); the test checks that.
 - ```text blocks are usage synopses (placeholders such as ``M``, ``RUN``), not commands.
 - Any other fence fails the test, so no snippet goes untested unnoticed.
 - The one rewrite: ``jsnmf/data/`` (files in the repository) becomes the absolute path of the
@@ -22,7 +24,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 FENCE = re.compile(r"^```([\w-]*)([^\n]*)\n(.*?)^```\s*$", re.M | re.S)
-NO_RUN_ALLOWED = re.compile(r"pip install|pytest|jsnmf\.models\.fetch|~/\.cache/jsnmf/models")
+NO_RUN_ALLOWED = re.compile(r"pip install|pytest|jsnmf\.models\.fetch|~/\.cache/jsnmf/models"
+                            r"|jsnmf (?:extract|fit) .*--(?:coordinator|distributed)\b")
 
 
 def readme_blocks() -> list[tuple[str, str, str]]:
@@ -46,7 +49,8 @@ def test_fences_follow_the_rule():
             assert lang == "bash", "only bash blocks may be marked no-run"
             for command in _commands(code):
                 assert NO_RUN_ALLOWED.search(command), f"a no-run block runs {command!r}: only installs, tests, " \
-                                                       "downloads and fetched-model commands may be left out"
+                                                       "downloads, fetched-model commands and multi-process " \
+                                                       "jobs may be left out"
 
 
 @pytest.mark.slow

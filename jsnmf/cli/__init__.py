@@ -6,10 +6,15 @@
     jsnmf fit --store RUN/store --layers 0,6,11 --rank 100
     jsnmf report --run RUN [--model M]
     jsnmf export --run RUN [--layers 6] [--codes]   # features.safetensors + cfg.json per layer
+    jsnmf extract ... --coordinator HOST:PORT --num-processes N --process-id I   # on every process
 
 A run directory holds ``store/`` (the ActivationStore), ``snmf/layer_{L:02d}/`` (``SNMF.save``
 checkpoints) and ``report/`` (``index.html`` and one page per layer). User errors (bad arguments,
 missing files, layers the model does not have) print one ``jsnmf: error: ...`` line and exit with 2.
+
+``extract`` and ``fit`` also run as one job of several processes (``--coordinator``/``--num-processes``/
+``--process-id`` or ``--distributed``; :mod:`jsnmf.cli.processes`): the job is joined before anything else
+uses JAX, and each process's error line names it (``jsnmf: error: process 1: ...``).
 """
 
 
@@ -23,8 +28,10 @@ from typing import Sequence
 
 from jsnmf import __version__
 from jsnmf.cli.commands import cmd_export, cmd_extract, cmd_fit, cmd_report, cmd_run
-from jsnmf.cli.options import (DEFAULT_RUNS_DIR, PROG, UserError, add_command, add_extract_options, add_fit_options,
-                               add_report_options, Parser, layer_list, positive_int, say)
+from jsnmf.cli import processes
+from jsnmf.cli.options import (DEFAULT_RUNS_DIR, PROG, UserError, add_command, add_distributed_options,
+                               add_extract_options, add_fit_options, add_report_options, narrating, Parser,
+                               layer_list, positive_int, say)
 from jsnmf.cli.steps import fit_settings, step_fit
 
 __all__ = ["main", "build_parser", "UserError", "fit_settings", "step_fit", "layer_list", "positive_int", "say"]
@@ -51,12 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
                                 "store of the same model, corpus and settings is reused.",
                     examples=["jsnmf extract --model gpt2 --corpus prompts.jsonl --layers 0,6,11 --out RUN",
                               "jsnmf extract --model M.gguf --corpus paper.json --layers 5 --out RUN --hook hook_mlp_out",
-                              "jsnmf extract --model M --corpus other.jsonl --layers 5 --out RUN --overwrite"])
+                              "jsnmf extract --model M --corpus other.jsonl --layers 5 --out RUN --overwrite",
+                              "jsnmf extract --model M --corpus C --layers 5 --out /shared/RUN --coordinator "
+                              "10.0.0.1:1234 --num-processes 4 --process-id I   # on each of 4 processes"])
     p.add_argument("--model", required=True, help="checkpoint directory or hub id (local HF cache)")
     p.add_argument("--corpus", required=True, help="text (one document a line), JSONL or JSON file")
     p.add_argument("--layers", type=layer_list, required=True, help="comma-separated layers, e.g. 0,6,11")
     p.add_argument("--out", required=True, help="run directory (the store goes to OUT/store)")
     add_extract_options(p)
+    add_distributed_options(p)
 
     p = add_command(sub, "fit", parents=[quiet], help="fit SNMF to the stored activations of each layer",
                     description="Fit one SNMF per layer of the store and save it to RUN/snmf/layer_LL (orbax + "
@@ -64,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                     examples=["jsnmf fit --store RUN/store --rank 100",
                               "jsnmf fit --store RUN/store --preset paper --layers 6",
                               "jsnmf fit --store RUN/store --rank 50 --solver hals --sparsity none",
-                              "jsnmf fit --store RUN/store --rank 100 --resume   # after an interruption"],
+                              "jsnmf fit --store RUN/store --rank 100 --resume   # after an interruption",
+                              "jsnmf fit --store /shared/RUN/store --rank 100 --distributed   # on every process "
+                              "of a SLURM job"],
                     usage="%(prog)s --store STORE (--rank K | --preset NAME) [options]")
     p.add_argument("--store", required=True, help="activation store directory (RUN/store)")
     p.add_argument("--layers", type=layer_list, default=None, help="layers to fit (all in the store)")
@@ -74,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--on-device", choices=("auto", "yes", "no"), default="auto",
                    help="hold a layer's activations in device memory: auto (when they fit a GPU/TPU's free memory), "
                         "yes, or no (stream them from disk every iteration)")
+    add_distributed_options(p)
 
     p = add_command(sub, "report", parents=[quiet], help="write the HTML report of a run",
                     description="Write RUN/report/index.html and one page per fitted layer (top tokens in context, "
@@ -121,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from jsnmf.cli.evaluate import add_parsers  # evaluate, steer (their own module)
     add_parsers(sub, quiet)
+    for name, command in sub.choices.items():  # the others refuse the options of a job, in words
+        if name not in processes.COMMANDS:
+            add_distributed_options(command, hidden=True)
     return parser
 
 
@@ -128,30 +144,51 @@ _COMMANDS = {"extract": cmd_extract, "fit": cmd_fit, "report": cmd_report, "run"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``jsnmf`` command line; returns the exit status (0 ok, 2 user error, 130 interrupted)."""
+    """Run the ``jsnmf`` command line; returns the exit status (0 ok, 2 user error, 130 interrupted; in a
+    job of several processes 1 on a process that stopped because another one failed)."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # argparse already printed "jsnmf: error: ..." and the usage
         return int(exit_.code or 0)
     try:
+        if args.command in processes.COMMANDS:
+            processes.join(args)  # before anything else uses JAX
+        else:
+            processes.refuse(args)
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
             return getattr(args, "handler", _COMMANDS.get(args.command))(args)
     except (ValueError, FileNotFoundError, NotADirectoryError) as err:
-        print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
+        print(f"{PROG}: error: {_named(_one_line(err))}", file=sys.stderr)
         return 2
     except (OSError, RecursionError, FloatingPointError) as err:  # a full disk, no permission, ...
-        print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
+        print(f"{PROG}: error: {_named(_one_line(err))}", file=sys.stderr)
         return 2
+    except RuntimeError as err:
+        if processes.job().count == 1:
+            raise  # a bug: its traceback
+        # another process failed (all_or_none says which), or the job's connection broke
+        print(f"{PROG}: error: {_named(_one_line(err))}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """A warning during a command, as one ``jsnmf: warning: ...`` line on stderr (no source location)."""
-    print(f"{PROG}: warning: {message}", file=sys.stderr, flush=True)
+    """A warning during a command, as one ``jsnmf: warning: ...`` line on stderr (no source location);
+    in a job of several processes only process 0's (they all run the same)."""
+    if narrating():
+        print(f"{PROG}: warning: {message}", file=sys.stderr, flush=True)
+
+
+def _named(text: str) -> str:
+    """The error of one process of a job, with the process named (unless the text names it first)."""
+    prefix = processes.error_prefix()  # "process I: "
+    if not prefix or text.startswith((prefix, prefix.replace(":", ""))):
+        return text
+    return prefix + text
 
 
 def _one_line(err: BaseException) -> str:

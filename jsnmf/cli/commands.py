@@ -12,13 +12,18 @@ from jsnmf.layout import RunLayout
 from jsnmf.presets import PRESETS
 
 from jsnmf.cli.options import DEFAULT_RUNS_DIR, UserError, say
+from jsnmf.cli.processes import is_first, together
 from jsnmf.cli.steps import fit_settings, step_extract, step_fit, step_report, store_source
 
 
 def cmd_extract(args) -> int:
+    """Also one process of a job (jsnmf.cli.processes): every process extracts its share into the one store,
+    process 0 alone clears the run folder (--overwrite) and narrates."""
     run_dir = Path(args.out).expanduser().resolve()
     if args.overwrite:
-        _clear_run_outputs(run_dir)
+        with together("clearing the run folder"):
+            if is_first():
+                _clear_run_outputs(run_dir)
     store = step_extract(args.model, args.corpus, run_dir, args.layers, args, not args.quiet)
     say(f"store: {store.path} ({store.n_tokens:,} tokens, layers {store.layers})")
     return 0
@@ -34,7 +39,8 @@ def cmd_fit(args) -> int:
     if args.rank is None and args.preset is None:
         raise UserError("fit needs --rank (the number of features) or --preset")
     rank = args.rank if args.rank is not None else PRESETS[args.preset].settings["rank"]
-    store = _open_store(args.store)
+    with together("opening the store"):  # e.g. a store not on a disk every process shares stops them all
+        store = _open_store(args.store)
     snmf_dir = RunLayout.of_store(store.path).snmf
     step_fit(store, args.layers, rank, fit_settings(args), snmf_dir, not args.quiet, resume=args.resume,
              checkpoint_every=args.checkpoint_every, on_device={"auto": None, "yes": True, "no": False}[args.on_device])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from jsnmf.dtypes import DTYPES
+from jsnmf.extract import STORE_CHUNK_TOKENS
 from jsnmf.fit.starts import INITIALIZERS
 from jsnmf.layout import HOOK_SITES
 from jsnmf.kernels.solvers import get_solver, solver_names
@@ -20,9 +21,24 @@ class UserError(ValueError):
     """A problem with what the user asked for; reported in one line, exit status 2."""
 
 
+_narrating = True
+
+
 def say(*parts) -> None:
-    """Print a line of the command's narration (flushed, so it interleaves with progress bars)."""
-    print(*parts, flush=True)
+    """Print a line of the command's narration (flushed, so it interleaves with progress bars); nothing
+    on the processes of a multi-process job other than process 0 (:func:`set_narration`)."""
+    if _narrating:
+        print(*parts, flush=True)
+
+
+def narrating() -> bool:
+    return _narrating
+
+
+def set_narration(on: bool) -> None:
+    """Turn :func:`say` (and the command's warnings) on or off for this process."""
+    global _narrating
+    _narrating = bool(on)
 
 
 def layer_list(text: str) -> list[int]:
@@ -54,6 +70,18 @@ def _number(text: str, kind, accept, expected: str, must: str):
 
 def positive_int(text: str) -> int:
     return _number(text, int, lambda v: v >= 1, "an integer", ">= 1")
+
+
+def process_index(text: str) -> int:
+    return _number(text, int, lambda v: v >= 0, "an integer", ">= 0")
+
+
+def coordinator_address(text: str) -> str:
+    """``--coordinator``: ``HOST:PORT``, the port a number in 1..65535."""
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT (e.g. 10.0.0.1:1234), got {text!r}")
+    return f"{host}:{int(port)}"
 
 
 def fraction(text: str) -> float:
@@ -107,6 +135,9 @@ def add_extract_options(p: argparse.ArgumentParser) -> None:
                    help="where to take the activations, by TransformerLens' names: hook_post = blocks.L.mlp.hook_post "
                         "(the MLP activation, d_mlp wide; the paper's, default), hook_mlp_out = blocks.L.hook_mlp_out, "
                         "hook_resid_post = blocks.L.hook_resid_post (d_model wide)")
+    p.add_argument("--chunk-tokens", type=positive_int, default=STORE_CHUNK_TOKENS,
+                   help=f"tokens per chunk file of the store ({STORE_CHUNK_TOKENS}); a fit across processes streams "
+                        "whole chunks, so the store needs at least one per process")
     p.add_argument("--overwrite", action="store_true",
                    help="replace what the run folder holds (store, fits, report) instead of refusing a different "
                         "corpus or settings; without it a finished store of the same run is reused")
@@ -135,6 +166,30 @@ def add_fit_options(p: argparse.ArgumentParser, rank_help: str, rank_required: b
                    help="stop after this many iterations without one (100)")
     p.add_argument("--checkpoint-every", type=positive_int, default=None,
                    help="checkpoint a running fit every this many iterations (50)")
+
+
+def add_distributed_options(p: argparse.ArgumentParser, *, hidden: bool = False) -> None:
+    """Joining a multi-process job (``jax.distributed``): every process runs the same command line, with
+    its own ``--process-id``. ``hidden``: accepted but not shown, for commands that refuse them."""
+    def shown(text: str) -> str:
+        return argparse.SUPPRESS if hidden else text
+
+    group = p if hidden else p.add_argument_group(
+        "several processes (jax.distributed; every process runs the same command, process 0 writes the "
+        "run folder's files and narrates)")
+    group.add_argument("--coordinator", type=coordinator_address, default=None, metavar="HOST:PORT",
+                       help=shown("address of process 0 and a free port there; with --num-processes and "
+                                  "--process-id (any of the three joins the job; those a cluster environment "
+                                  "supplies may be left out)"))
+    group.add_argument("--num-processes", type=positive_int, default=None, metavar="N",
+                       help=shown("number of processes in the job"))
+    group.add_argument("--process-id", type=process_index, default=None, metavar="I",
+                       help=shown("this process's index, 0..N-1 (0: the coordinator)"))
+    group.add_argument("--distributed", action="store_true", default=False,
+                       help=shown("join the job the cluster environment describes (SLURM, Open MPI, a Cloud TPU "
+                                  "slice): jax.distributed.initialize() without arguments"))
+    group.add_argument("--cpu-collectives", choices=("gloo",), default=None,
+                       help=shown("collectives between processes on CPU devices (gloo), for a job of CPU processes"))
 
 
 def add_report_options(p: argparse.ArgumentParser) -> None:

@@ -9,6 +9,7 @@ from jsnmf.layout import RunLayout
 from jsnmf.presets import PRESETS
 
 from jsnmf.cli.options import NO_SPARSITY, UserError, say
+from jsnmf.cli.processes import is_first, job, together
 
 # Layers whose activations fit in memory together are fitted in memory; bigger ones are streamed.
 IN_MEMORY_LIMIT_BYTES = 4 << 30
@@ -18,27 +19,34 @@ def step_extract(model: str, corpus: str, run_dir: Path, layers: list[int], args
                  rank: int | None = None):
     """Extract into ``run_dir/store`` and return the store. ``rank``: the rank of the fit to follow,
     checked against the width (from the model's config, before loading it) and against the corpus'
-    tokens (after tokenizing, before the forward pass)."""
+    tokens (after tokenizing, before the forward pass).
+
+    In a job of several processes every process calls this alike: ``extract`` shares the chunks out and
+    process 0 completes the store; only process 0 looks at what the folder held before (to say it)."""
     from jsnmf.extract import extract
 
-    if not Path(corpus).expanduser().is_file():
-        raise FileNotFoundError(f"corpus file not found: {corpus}")
-    if args.keep_bos and not args.bos:
-        raise UserError("--keep-bos keeps the BOS token's activations, but --no-bos leaves the BOS out: "
-                        "use one or the other")
     hook = getattr(args, "hook", "hook_post")
-    if rank is not None:
-        _check_rank_against_config(model, rank, hook)
+    with together("checking the corpus and the options"):  # a process that cannot go on stops them all
+        if not Path(corpus).expanduser().is_file():
+            raise FileNotFoundError(f"corpus file not found: {corpus}")
+        if args.keep_bos and not args.bos:
+            raise UserError("--keep-bos keeps the BOS token's activations, but --no-bos leaves the BOS out: "
+                            "use one or the other")
+        if rank is not None:
+            _check_rank_against_config(model, rank, hook)
     store_dir = RunLayout.of(run_dir).store
     overwrite = bool(getattr(args, "overwrite", False))
-    before = _store_state(store_dir)
+    before = _store_state(store_dir) if is_first() else None  # read before extract's first collective
     if overwrite and before is not None:
         say(f"--overwrite: replacing the store in {store_dir}")
-    say(f"extracting layers {','.join(map(str, layers))} of {model} on {corpus}")
+    processes = f" by {job().count} processes" if job().count > 1 else ""
+    say(f"extracting layers {','.join(map(str, layers))} of {model} on {corpus}{processes}")
+    chunking = {} if getattr(args, "chunk_tokens", None) is None else {"chunk_tokens": args.chunk_tokens}
     store = extract(model, corpus, store_dir, layers=layers, max_length=args.max_length,
                     batch_size=args.batch_size, dtype=args.dtype, add_bos=args.bos, drop_bos=not args.keep_bos,
                     compute_dtype=getattr(args, "compute_dtype", "float32"), hook=hook, resume=not overwrite,
-                    progress=progress, before_forward=None if rank is None else _rank_check(rank, hook))
+                    progress=progress, before_forward=None if rank is None else _rank_check(rank, hook),
+                    **chunking)
     if before == "complete" and not overwrite:
         say(f"reused the store in {store.path}: it holds this model, corpus and settings already "
             "(--overwrite extracts again)")
@@ -133,17 +141,35 @@ def step_fit(store, layers: list[int] | None, rank: int, settings: dict, snmf_di
         raise UserError(f"layer(s) {missing} are not in the store {store.path} (it holds layers {store.layers})")
     if rank > min(store.n_tokens, store.d_mlp):
         raise UserError(f"rank {rank} exceeds min(n_tokens, width) = {min(store.n_tokens, store.d_mlp)} of the store")
-    snmf_dir.mkdir(parents=True, exist_ok=True)
-    lock = FolderLock(snmf_dir, busy="another jsnmf fit is running on this run folder; wait for it to finish")
+    layout = RunLayout.of(snmf_dir.parent)
+    lock = None
     try:
-        layout = RunLayout.of(snmf_dir.parent)
-        if not resume:  # before any layer is fitted, so that a refusal changes nothing
-            _refuse_interrupted_fits([(layer, layout.fitting(layer, snmf_dir)) for layer in layers])
-        return {layer: _fit_layer(store, layer, rank, settings, layout.fitted(layer, snmf_dir),
-                                  layout.fitting(layer, snmf_dir), progress, resume, checkpoint_every, on_device)
-                for layer in layers}
+        with together("locking the run folder"):  # one lock for the job, held by process 0
+            if is_first():
+                snmf_dir.mkdir(parents=True, exist_ok=True)
+                lock = FolderLock(snmf_dir, busy="another jsnmf fit is running on this run folder; wait for it "
+                                                 "to finish")
+        # Every process decides from the folder as it is before any layer is fitted, so that a refusal
+        # changes nothing and all processes of a job decide alike.
+        with together("checking the run folder"):
+            if not resume:
+                _refuse_interrupted_fits([(layer, layout.fitting(layer, snmf_dir)) for layer in layers])
+            resuming = {layer: resume and layout.fitting(layer, snmf_dir).exists() for layer in layers}
+            kept = {layer: _finished_fit(layout.fitted(layer, snmf_dir), rank, settings)
+                    for layer in layers if resume and not resuming[layer]}
+        fitted = {}
+        for layer in layers:
+            if kept.get(layer) is not None:
+                say(f"layer {layer}: already fitted ({layout.fitted(layer, snmf_dir)}); kept")
+                fitted[layer] = kept[layer]
+            else:
+                fitted[layer] = _fit_layer(store, layer, rank, settings, layout.fitted(layer, snmf_dir),
+                                           layout.fitting(layer, snmf_dir), progress, resume, resuming[layer],
+                                           checkpoint_every, on_device)
+        return fitted
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
 
 
 def _refuse_interrupted_fits(checkpoint_dirs) -> None:
@@ -157,37 +183,59 @@ def _refuse_interrupted_fits(checkpoint_dirs) -> None:
 
 
 def _fit_layer(store, layer: int, rank: int, settings: dict, saved_path: Path, checkpoint_dir: Path,
-               progress: bool, resume: bool, checkpoint_every: int | None, on_device: bool | None = None):
-    """Fit one layer (or keep it, ``resume`` and already fitted), save it, remove its checkpoints."""
+               progress: bool, resume: bool, resuming: bool, checkpoint_every: int | None,
+               on_device: bool | None = None):
+    """Fit one layer, save it, remove its checkpoints. ``resuming``: its checkpoints are there to continue.
+
+    In a job of several processes every process fits its share of the tokens (the codes of its rows);
+    the codes are gathered and process 0 saves the fit and removes the checkpoints."""
     import shutil
 
     from jsnmf.estimator import SNMF
 
-    if resume and not checkpoint_dir.exists():
-        finished = _finished_fit(saved_path, rank, settings)
-        if finished is not None:
-            say(f"layer {layer}: already fitted ({saved_path}); kept")
-            return finished
     model = SNMF(rank, **settings)
     width = f"{store.d_mlp} neurons" if store.hook_site == "hook_post" else f"{store.d_mlp} ({store.hook_site})"
-    say(f"fitting layer {layer}: rank {rank}, {store.n_tokens:,} tokens × {width}"
-         + (" (resuming)" if resume and checkpoint_dir.exists() else ""))
+    shared = f" by {job().count} processes" if job().count > 1 else ""
+    say(f"fitting layer {layer}{shared}: rank {rank}, {store.n_tokens:,} tokens × {width}"
+        + (" (resuming)" if resuming else ""))
     started = time.perf_counter()
     run = dict(checkpoint_dir=checkpoint_dir, resume=resume, progress=progress,
                **({} if checkpoint_every is None else {"checkpoint_every": checkpoint_every}))
     try:
-        if on_device is None and store.n_tokens * store.d_mlp * 4 <= IN_MEMORY_LIMIT_BYTES:
-            model.fit(store.layer_array(layer), **run)
-        else:  # held on the device when it fits (on_device), else streamed: one pass over the chunks per iteration
-            model.fit(store, layer=layer, on_device=on_device, **run)
+        X, where = _fit_input(store, layer, on_device)
+        model.fit(X, **where, **run)
     except BaseException:
-        _drop_unstarted_checkpoints(checkpoint_dir)
+        if is_first():
+            _drop_unstarted_checkpoints(checkpoint_dir)
         raise
-    path = model.save(saved_path, source=store_source(store, layer))
-    shutil.rmtree(checkpoint_dir)  # the saved factors are the result now
+    if job().count > 1:
+        from jsnmf.distributed import gather_rows
+
+        model.codes_ = gather_rows(model.codes_)  # every process's rows, in the store's order
+    with together(f"saving layer {layer}"):
+        if is_first():
+            model.save(saved_path, source=store_source(store, layer))
+            shutil.rmtree(checkpoint_dir)  # the saved factors are the result now
     say(f"  layer {layer}: relative error {model.relative_error_:.4f} after {model.n_iter_} iterations "
-         f"({time.perf_counter() - started:.1f} s) -> {path}")
+        f"({time.perf_counter() - started:.1f} s) -> {saved_path}")
     return model
+
+
+def _fit_input(store, layer: int, on_device: bool | None = None) -> tuple[object, dict]:
+    """``(X, keywords)`` for ``SNMF.fit`` of ``layer``: with ``on_device`` None, the activations in host
+    memory when (this process's share of) them fit under IN_MEMORY_LIMIT_BYTES; else the store itself,
+    held on the device or streamed as ``on_device`` and the fit decide (:mod:`jsnmf.fit.on_device`). In a
+    job of several processes each takes its share: the rows ``[i·n/N, (i+1)·n/N)`` in host memory, or
+    whole chunks of the store (:func:`jsnmf.distributed.process_token_range`)."""
+    index, count = job().index, job().count
+    if on_device is None and -(-store.n_tokens // count) * store.d_mlp * 4 <= IN_MEMORY_LIMIT_BYTES:
+        if count == 1:
+            return store.layer_array(layer), {}
+        return store.read(layer, store.n_tokens * index // count, store.n_tokens * (index + 1) // count), {}
+    if len(store.chunk_bounds) < count:
+        raise UserError(f"the store {store.path} has {len(store.chunk_bounds)} chunk(s), fewer than the {count} "
+                        "processes that share them: extract it with a smaller --chunk-tokens")
+    return store, {"layer": layer, "on_device": on_device}
 
 
 def _drop_unstarted_checkpoints(checkpoint_dir: Path) -> None:

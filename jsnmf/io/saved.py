@@ -11,6 +11,10 @@ kill never leaves a half checkpoint; a failed save removes its staging folder, a
 removes those of dead processes. Read back with one schema check of the manifest (keys, types, shapes against each
 other and against the rank) and of the arrays against the manifest, each failure one ValueError
 naming the checkpoint and the problem.
+
+A saved SNMF holds host (NumPy) arrays, so writing and reading it is the business of one process: orbax
+runs process-local (:func:`_checkpointer`), also under ``jax.distributed``, where one process (e.g. process
+0) saves a fit and any process may load it on its own.
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ def write_saved(path: str | os.PathLike, params: dict, arrays: dict[str, np.ndar
         shutil.rmtree(staging)
     try:  # a full disk, an interrupt: leave no staging folder behind
         staging.mkdir()
-        with ocp.StandardCheckpointer() as checkpointer:
+        with _checkpointer(ocp) as checkpointer:
             checkpointer.save(staging / ARRAYS, arrays)
             checkpointer.wait_until_finished()
         manifest = {
@@ -96,7 +100,7 @@ class Saved:
         if not where.is_dir():
             raise ValueError(f"{self.path}: damaged jsnmf SNMF checkpoint, {where.name}/ is missing")
         try:
-            with ocp.StandardCheckpointer() as checkpointer:
+            with _checkpointer(ocp) as checkpointer:
                 arrays = checkpointer.restore(where)
         except Exception as err:  # noqa: BLE001 - orbax/tensorstore raise many kinds; all mean unreadable
             raise ValueError(f"{where}: unreadable checkpoint arrays ({type(err).__name__}: {err})") from None
@@ -110,6 +114,17 @@ class Saved:
         arrays = {name: np.asarray(array) for name, array in arrays.items()}
         check_digests(arrays, self.checksums, where)
         return arrays
+
+
+def _checkpointer(ocp):
+    """An orbax StandardCheckpointer of this process alone: under several processes orbax would otherwise
+    wait at barriers for all of them (a save by process 0 alone would hang or fail a collective)."""
+    import jax
+
+    index = jax.process_index()
+    local = ocp.options.MultiprocessingOptions(primary_host=index, active_processes={index},
+                                               barrier_sync_key_prefix=f"jsnmf-saved-{index}")
+    return ocp.StandardCheckpointer(multiprocessing_options=local)
 
 
 def read_saved(path: str | os.PathLike) -> Saved:
