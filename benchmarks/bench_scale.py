@@ -5,7 +5,9 @@ For each n (and each X dtype) the script writes an ActivationStore of synthetic 
 configuration in its own child process:
 
 - ``memory``: the layer is loaded into memory and fitted with ``SNMF.fit(X)`` (the compiled loop);
-- ``stream``: ``SNMF.fit(store)``, one pass over the store's chunks per iteration, the next chunk
+- ``held``: ``SNMF.fit(store, on_device=True)``: X read once into device memory, then the compiled
+  loop (what a fit of a store does by itself on an accelerator where X fits);
+- ``stream``: ``SNMF.fit(store, on_device=False)``, one pass over the store's chunks per iteration, the next chunk
   read and placed on the device by a background thread, codes ``G`` on disk (``codes_on_disk``),
   or in memory with ``--codes-in-memory``;
 - ``baseline``: everything but the fit (imports, JAX start-up, opening the store, and compiling
@@ -199,7 +201,8 @@ def child_stream(args) -> dict:
     first = {}
 
     def fit(iters):
-        model(args, max_iter=iters, dtype=args.dtype).fit(store, codes_on_disk=codes, progress=False)
+        # on_device=False: on an accelerator an automatic choice would hold X there (child_held).
+        model(args, max_iter=iters, dtype=args.dtype).fit(store, codes_on_disk=codes, on_device=False, progress=False)
         first.setdefault("peak_rss", peak_rss_bytes())  # the first fit, compilation included
 
     try:
@@ -210,7 +213,26 @@ def child_stream(args) -> dict:
     return dict(result, peak_rss=first["peak_rss"], device_peak=device_peak_bytes())
 
 
-CHILDREN = {"peak": child_peak, "baseline": child_baseline, "memory": child_memory, "stream": child_stream}
+def child_held(args) -> dict:
+    """``SNMF.fit(store, on_device=True)``: X read once from the store into device memory, chunk by chunk,
+    then the in-memory loop (what an automatic fit does on an accelerator when X fits there). Each timed
+    fit loads X again, so the slope between two fits is the held iteration."""
+    from jsnmf.store import ActivationStore
+
+    store = ActivationStore.open(args.store)
+    first = {}
+
+    def fit(iters):
+        model(args, max_iter=iters, dtype=args.dtype).fit(store, on_device=True, progress=False)
+        first.setdefault("peak_rss", peak_rss_bytes())
+
+    result = steady_slope(fit, args, compile_long=False)
+    return dict(result, peak_rss=first["peak_rss"], device_peak=device_peak_bytes())
+
+
+CHILDREN = {"peak": child_peak, "baseline": child_baseline, "memory": child_memory, "stream": child_stream,
+            "held": child_held}
+MODES = ("memory", "stream", "held")
 
 
 def run_child(args, mode: str, store: Path | None, dtype: str) -> dict:
@@ -279,7 +301,7 @@ def main() -> None:
         on_gpu = subprocess.run([sys.executable, "-c", "import jax; print(jax.default_backend())"],
                                 capture_output=True, text=True).stdout.strip() not in ("cpu", "")
         args.peak_size = 8192 if on_gpu else 4096
-    header = ["n", "X dtype", "mode", "s / iter", "GFLOP/s", "% matmul peak", "stream / memory",
+    header = ["n", "X dtype", "mode", "s / iter", "GFLOP/s", "% matmul peak", "speed / memory's",
               "steady fit memory MiB", "= chunks of X", "stream budget MiB", "first fit memory MiB",
               "device peak MiB"]
     table = []
@@ -297,7 +319,7 @@ def main() -> None:
                 write_store(path, n, args.d, args.rank, dtype, args.chunk_tokens)
                 baseline = run_child(args, "baseline", path, dtype)["peak_rss"]
                 flops = 4 * n * args.d * args.rank
-                results = {mode: run_child(args, mode, path, dtype) for mode in ("memory", "stream")}
+                results = {mode: run_child(args, mode, path, dtype) for mode in MODES}
                 itemsize = np.dtype(np.float32).itemsize if dtype == "float32" else 2
                 rows = min(args.chunk_tokens, n)
                 chunk = rows * args.d * itemsize
@@ -307,13 +329,13 @@ def main() -> None:
                 factors = 8 * args.d * args.rank * 4 + 12 * rows * args.rank * 4
                 if args.codes_in_memory:
                     factors += 3 * n * args.rank * 4
-                for mode in ("memory", "stream"):
+                for mode in MODES:
                     r = results[mode]
                     rate = flops / r["seconds"] / 1e9
                     ratio = results["memory"]["seconds"] / r["seconds"]
                     steady = r["steady"]
                     table.append([f"{n:,}", dtype, mode, f"{r['seconds']:.3f}", f"{rate:,.1f}",
-                                  f"{100 * rate / peaks[dtype]:.0f}%", f"{ratio:.2f}" if mode == "stream" else "",
+                                  f"{100 * rate / peaks[dtype]:.0f}%", f"{ratio:.2f}" if mode != "memory" else "",
                                   mib(steady), f"{steady / chunk:.1f}",
                                   mib(2 * chunk + factors) if mode == "stream" else "",
                                   mib(r["peak_rss"] - baseline), mib(r.get("device_peak"))])
@@ -329,7 +351,7 @@ def main() -> None:
     ratios = [float(row[6]) for row in table if row[2] == "stream"]
     within = [float(row[7].replace(",", "")) <= float(row[9].replace(",", "")) for row in table if row[2] == "stream"]
     text = "\n".join([
-        f"### Scaling with n, in memory and streamed from disk (`bench_scale.py`), {label}",
+        f"### Scaling with n, in memory, held on the device and streamed from disk (`bench_scale.py`), {label}",
         "",
         f"d = {args.d}, k = {args.rank}, solver {args.solver}, sparsity {args.sparsity}, "
         f"chunks of {args.chunk_tokens:,} tokens, G {'in memory' if args.codes_in_memory else 'on disk'} "
@@ -339,7 +361,9 @@ def main() -> None:
         markdown_table(header, table),
         "",
         f"s / iter: slope between fits of {args.warm} and {args.warm + args.iters} iterations, medians of "
-        f"{args.repeats} interleaved runs each. steady fit memory = the highest resident set (VmHWM) during "
+        f"{args.repeats} interleaved runs each (a held fit reads X from the store into device memory in each "
+        f"timed fit, so its slope is the held iteration; the steady memory of a held fit includes X). "
+        f"steady fit memory = the highest resident set (VmHWM) during "
         f"the timed fits minus the resident set before them (the high-water mark reset after a first fit "
         f"compiled everything): what a fit adds to the process, X of the in-memory fit excluded since it was "
         f"loaded before. first fit memory = the peak of the child's first fit (compilation included) minus "
