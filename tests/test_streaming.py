@@ -230,16 +230,18 @@ def test_host_chunks_wait_for_jax_to_let_go(tmp_path):
     first = host.mapped(sources.map_rows(path, offset, (64, 16), np.float32))
     held = jax.device_put(host.mapped(sources.map_rows(path, offset, (64, 16), np.float32)))
     del first  # the first mapping is unused now: unmapped while waiting
-    released = []
+    released, checked = [], threading.Event()
 
-    def let_go():
-        time.sleep(0.2)
+    def let_go():  # only after the first check: a busy machine can delay the main thread past any sleep
+        checked.wait()
+        time.sleep(0.2)  # so that the second wait below is really waiting
         released.append(time.perf_counter())
         held.delete()
 
-    threading.Thread(target=let_go).start()
+    threading.Thread(target=let_go, daemon=True).start()
     host.wait_for_room()  # room for one more: the first is gone, the second still used
     assert not released and host._in_use() == 1
+    checked.set()
     third = host.mapped(sources.map_rows(path, offset, (64, 16), np.float32))
     host.wait_for_room()  # two in use until the JAX array is deleted
     assert released and time.perf_counter() >= released[0]
