@@ -33,6 +33,9 @@ INTERRUPTED_SAVE = """
     from jsnmf import SNMF
 
     directory, how = sys.argv[1], sys.argv[2]
+    # Ctrl-C raises, as in a terminal, also when the tests run as a background job (which starts with
+    # SIGINT ignored, inherited by this process: then jsnmf rightly drops the interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     original = ocp.StandardCheckpointHandler.async_save
 
     def async_save(self, *args, **kwargs):  # orbax is inside CheckpointManager.save, threads started
